@@ -1,0 +1,168 @@
+"""eqjax.quantize and friends: eqs. (3)-(4), hand-computed cases, gradients, compilation."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import eqjax
+from eqjax import numerics
+
+
+def test_eq4_scale_and_grid_by_hand():
+    # max|x| = 14, 4 bits: s = 14/7 = 2; x/s = [3.5, -7, 1.8, 0, -0.5] -> [4, -7, 2, 0, -0]
+    # (round half to even).
+    x = jnp.array([7.0, -14.0, 3.6, 0.0, -1.0], jnp.float32)
+    q, s = eqjax.quantize_int(x, 4)
+    np.testing.assert_allclose(s, 2.0, rtol=1e-7)
+    np.testing.assert_array_equal(q, [4, -7, 2, 0, 0])
+    np.testing.assert_allclose(eqjax.quantize(x, 4), [8.0, -14.0, 4.0, 0.0, 0.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("value, expected", [(0.5, 0), (1.5, 2), (2.5, 2), (-0.5, 0), (-1.5, -2),
+                                             (-2.5, -2), (0.49, 0), (0.51, 1)])
+def test_round_half_to_even(value, expected):
+    q, _ = eqjax.quantize_int(jnp.array([value], jnp.float32), 8, scale=1.0)
+    assert int(q[0]) == expected
+
+
+def test_both_clamp_ends_signed_and_unsigned():
+    x = jnp.array([-1000.0, -128.0, -129.0, 127.0, 128.0, 1000.0], jnp.float32)
+    q, _ = eqjax.quantize_int(x, 8, scale=1.0)
+    np.testing.assert_array_equal(q, [-128, -128, -128, 127, 127, 127])
+    qu, _ = eqjax.quantize_int(jnp.array([-3.0, 0.0, 255.0, 256.0], jnp.float32), 8, scale=1.0,
+                               signed=False)
+    assert qu.dtype == jnp.uint8
+    np.testing.assert_array_equal(qu, [0, 0, 255, 255])
+
+
+def test_unsigned_grid_uses_all_levels_of_nonnegative_data():
+    x = jnp.linspace(0.0, 3.0, 1000, dtype=jnp.float32)
+    q, s = eqjax.quantize_int(x, 4, signed=False)
+    np.testing.assert_allclose(s, 3.0 / 15.0, rtol=1e-6)
+    assert int(q.max()) == 15 and int(q.min()) == 0
+
+
+def test_all_zero_tensor_has_finite_scale_and_quantizes_to_zero():
+    x = jnp.zeros((3, 4), jnp.float32)
+    q, s = eqjax.quantize_int(x, 8, axis=0)
+    assert np.all(np.isfinite(s)) and np.all(s > 0)
+    np.testing.assert_array_equal(q, 0)
+    np.testing.assert_array_equal(eqjax.quantize(x, 8), x)
+    grad = jax.grad(lambda v: eqjax.quantize(v, 8).sum())(x)
+    assert np.all(np.isfinite(grad))
+
+
+def test_fake_quant_equals_integer_arithmetic():
+    x = jax.random.normal(jax.random.key(0), (16, 8, 3, 3), jnp.float32)
+    for bits in (2, 4, 6, 8, 12, 16):
+        q, s = eqjax.quantize_int(x, bits, axis=0)
+        np.testing.assert_array_equal(eqjax.quantize(x, bits, axis=0),
+                                      eqjax.dequantize(q, s, axis=0))
+
+
+def test_per_channel_equals_each_channel_alone():
+    x = jax.random.normal(jax.random.key(1), (5, 7, 6), jnp.float32) * jnp.arange(1, 7, dtype=jnp.float32)[None, None, :]
+    per_channel = eqjax.quantize(x, 4, axis=-1)
+    for c in range(6):
+        np.testing.assert_array_equal(per_channel[..., c], eqjax.quantize(x[..., c], 4))
+
+
+def test_error_decreases_with_bits():
+    x = jax.random.normal(jax.random.key(2), (4096,), jnp.float32)
+    errors = [float(jnp.mean((eqjax.quantize(x, b) - x) ** 2)) for b in (8, 6, 4)]
+    assert errors[0] < errors[1] < errors[2]
+
+
+def test_bf16_input_keeps_dtype():
+    x = jax.random.normal(jax.random.key(3), (64,), jnp.bfloat16)
+    y = eqjax.quantize(x, 8)
+    assert y.dtype == jnp.bfloat16 and y.shape == x.shape
+
+
+def test_ste_gradient_identity_inside_zero_outside():
+    x = jnp.array([-3.0, -0.4, 0.0, 0.3, 0.7, 2.0], jnp.float32)
+    # scale 0.1 at 4 bits: grid [-0.8, 0.7] -> -3.0 and 2.0 are outside.
+    grad = jax.grad(lambda v: jnp.sum(eqjax.quantize(v, 4, scale=0.1) * 2.0))(x)
+    np.testing.assert_array_equal(grad, [0.0, 2.0, 2.0, 2.0, 2.0, 0.0])
+
+
+def test_lsq_scale_gradient_by_hand():
+    # x/s = [2.4, 9.0, -20.0] at 4 bits, grid [-8, 7]: d/ds = [round(2.4)-2.4, 7, -8].
+    x = jnp.array([0.24, 0.9, -2.0], jnp.float32)
+    grad = jax.grad(lambda s: jnp.sum(eqjax.quantize(x, 4, scale=s)))(jnp.float32(0.1))
+    np.testing.assert_allclose(grad, (2.0 - 2.4) + 7.0 - 8.0, rtol=1e-5)
+    assert np.isfinite(grad)
+
+
+def test_per_channel_scale_gradient_has_scale_shape():
+    w = jax.random.normal(jax.random.key(4), (3, 3, 4, 8), jnp.float32)
+    scale = numerics.absmax_scale(w, 4, axis=-1) * 0.5
+    grad = jax.grad(lambda s: jnp.sum(eqjax.quantize(w, 4, scale=s, axis=-1) ** 2))(scale)
+    assert grad.shape == (8,) and np.all(np.isfinite(grad))
+
+
+def test_one_compilation_serves_all_bit_widths():
+    x = jax.random.normal(jax.random.key(5), (128,), jnp.float32)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def f(v, bits):
+        return eqjax.quantize(v, bits)
+
+    outputs = [f(x, jnp.int32(b)) for b in range(2, 9)]
+    for b, out in zip(range(2, 9), outputs):
+        np.testing.assert_array_equal(out, eqjax.quantize(x, b))
+
+
+def test_vmap_over_bits():
+    x = jax.random.normal(jax.random.key(6), (32,), jnp.float32)
+    bits = jnp.arange(2, 9, dtype=jnp.int32)
+    swept = jax.vmap(lambda b: eqjax.quantize(x, b))(bits)
+    for i, b in enumerate(range(2, 9)):
+        np.testing.assert_array_equal(swept[i], eqjax.quantize(x, b))
+
+
+def test_traced_invalid_bits_and_scale_give_nan_not_crash():
+    x = jnp.ones((4,), jnp.float32)
+    assert np.all(np.isnan(jax.jit(eqjax.quantize)(x, jnp.int32(1))))
+    assert np.all(np.isnan(jax.jit(eqjax.quantize)(x, jnp.int32(17))))
+    bad_scale = jax.jit(lambda v, s: eqjax.quantize(v, 8, scale=s))(x, jnp.float32(-1.0))
+    assert np.all(np.isnan(bad_scale))
+
+
+def test_nan_stays_nan_and_inf_clamps():
+    x = jnp.array([jnp.nan, jnp.inf, -jnp.inf, 0.5], jnp.float32)
+    y = eqjax.quantize(x, 8, scale=0.01)
+    assert np.isnan(y[0])
+    np.testing.assert_allclose(y[1:], [1.27, -1.28, 0.5], rtol=1e-6)
+
+
+@pytest.mark.parametrize("bits, error", [(1, ValueError), (17, ValueError), (8.0, TypeError),
+                                         (True, TypeError), ("8", TypeError),
+                                         (np.int32(20), ValueError),
+                                         (jnp.array(0, jnp.int32), ValueError),
+                                         (jnp.array(8.0), TypeError),
+                                         (jnp.array([8, 8], jnp.int32), ValueError)])
+def test_bad_bits(bits, error):
+    with pytest.raises(error, match="bits"):
+        eqjax.quantize(jnp.ones((2,), jnp.float32), bits)
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("inf"), float("nan")])
+def test_bad_scale_values(scale):
+    with pytest.raises(ValueError, match="scale must be positive and finite"):
+        eqjax.quantize(jnp.ones((2,), jnp.float32), 8, scale=scale)
+
+
+def test_bad_scale_shape_and_axis_and_dtype():
+    x = jnp.ones((2, 3), jnp.float32)
+    with pytest.raises(ValueError, match=r"scale must have shape .*\[3\]"):
+        eqjax.quantize(x, 8, scale=jnp.ones((2,), jnp.float32), axis=1)
+    with pytest.raises(ValueError, match="axis 2 is out of range"):
+        eqjax.quantize(x, 8, axis=2)
+    with pytest.raises(TypeError, match="floating-point"):
+        eqjax.quantize(jnp.ones((2,), jnp.int32), 8)
+    with pytest.raises(TypeError, match="integer array"):
+        eqjax.dequantize(jnp.ones((2,), jnp.float32), 1.0)
