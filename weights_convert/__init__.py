@@ -1,0 +1,12 @@
+"""PyTorch / timm / torchvision checkpoints -> eqjax Flax variables.
+
+``convert(name, state_dict)`` is a pure function (no torch import); ``load_state_dict``
+reads ``.pth`` / ``.safetensors`` files; ``python -m weights_convert`` converts and
+saves a checkpoint directory that ``eqjax.checkpoint.load`` reads.
+"""
+
+from weights_convert.core import ConversionError, convert, infer_num_classes, unwrap_state_dict
+from weights_convert.io import load_state_dict, timm_preprocessing, timm_state_dict
+
+__all__ = ["ConversionError", "convert", "infer_num_classes", "unwrap_state_dict",
+           "load_state_dict", "timm_state_dict", "timm_preprocessing"]

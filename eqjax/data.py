@@ -1,0 +1,254 @@
+"""Datasets by spec string, model-driven preprocessing, and batching. No TensorFlow needed.
+
+Spec strings (the same for every script's ``--dataset`` / ``--calib_dataset``):
+
+* ``folder:DIR`` — images in class sub-folders (class index = sorted folder order), or
+  a flat folder with ``DIR/labels.txt`` of ``<file> <index>`` lines;
+* ``tar:FILE`` — an uncompressed tar with members ``<split>/<class>/<file>`` (class
+  index = sorted class order; CIFAR-10/100 class orders are alphabetical);
+* ``tfds:NAME[/CONFIG][:SPLIT]`` — a prepared TFDS dataset read with
+  ``tfds.data_source`` (array_record format; preparing one needs TensorFlow).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import io
+import math
+import os
+import tarfile
+from typing import Iterator, Protocol, Sequence
+
+import numpy as np
+from PIL import Image
+
+from eqjax.models import Preprocessing
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+_PIL_INTERPOLATION = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """A parsed spec string: ``kind`` in tfds/folder/tar, ``path`` (dir, file or TFDS name)."""
+
+    kind: str
+    path: str
+    config: str | None = None
+    split: str | None = None
+
+    def __str__(self) -> str:
+        if self.kind != "tfds":
+            return f"{self.kind}:{self.path}"
+        name = self.path + (f"/{self.config}" if self.config else "")
+        return f"tfds:{name}" + (f":{self.split}" if self.split else "")
+
+
+def parse_spec(text: str, *, flag: str = "dataset") -> DatasetSpec:
+    """Parses ``tfds:NAME[/CONFIG][:SPLIT]``, ``folder:DIR`` or ``tar:FILE``.
+
+    Raises:
+      ValueError: the text does not parse (the message names ``flag`` and the value).
+    """
+    kind, sep, rest = str(text).partition(":")
+    if not sep or not rest or kind not in ("tfds", "folder", "tar"):
+        raise ValueError(f"--{flag}={text!r} does not parse: expected tfds:NAME[/CONFIG][:SPLIT], "
+                         "folder:DIR or tar:FILE")
+    if kind != "tfds":
+        return DatasetSpec(kind, rest)
+    name, _, split = rest.partition(":")
+    name, _, config = name.partition("/")
+    if not name:
+        raise ValueError(f"--{flag}={text!r}: empty TFDS dataset name")
+    return DatasetSpec("tfds", name, config or None, split or None)
+
+
+class ImageSource(Protocol):
+    """Random access to labelled images."""
+
+    spec: DatasetSpec
+    labels: np.ndarray   # [N] int
+    ids: Sequence[str]   # [N] stable identifiers (file names), for disjointness checks
+
+    def __len__(self) -> int: ...
+
+    def load(self, index: int) -> Image.Image: ...
+
+
+def _read_labels_txt(path: str) -> list[tuple[str, int]]:
+    entries = []
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            parts = line.split()
+            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+                raise ValueError(f"{path}:{line_no}: expected '<file> <class index>', got {line.strip()!r}")
+            entries.append((parts[0], int(parts[1])))
+    return entries
+
+
+class FolderSource:
+    """``folder:DIR``: class sub-folders, or flat files listed in ``DIR/labels.txt``."""
+
+    def __init__(self, spec: DatasetSpec):
+        self.spec = spec
+        root = spec.path
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"dataset directory not found: {root} (from {spec})")
+        labels_txt = os.path.join(root, "labels.txt")
+        if os.path.isfile(labels_txt):
+            entries = _read_labels_txt(labels_txt)
+            missing = [f for f, _ in entries if not os.path.isfile(os.path.join(root, f))]
+            if missing:
+                raise FileNotFoundError(f"{labels_txt} lists {len(missing)} missing files, e.g. {missing[:3]}")
+        else:
+            classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+            entries = [(os.path.join(c, f), i) for i, c in enumerate(classes)
+                       for f in sorted(os.listdir(os.path.join(root, c)))
+                       if f.lower().endswith(IMAGE_SUFFIXES)]
+        if not entries:
+            raise ValueError(f"dataset {spec} is empty: no labels.txt entries or images in class folders")
+        self.ids = [f for f, _ in entries]
+        self.labels = np.asarray([label for _, label in entries], np.int64)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def load(self, index: int) -> Image.Image:
+        return Image.open(os.path.join(self.spec.path, self.ids[index]))
+
+
+class TarSource:
+    """``tar:FILE``: members ``<split>/<class>/<file>``, class index = sorted class order."""
+
+    def __init__(self, spec: DatasetSpec):
+        self.spec = spec
+        if not os.path.isfile(spec.path):
+            raise FileNotFoundError(f"dataset archive not found: {spec.path} (from {spec})")
+        with tarfile.open(spec.path) as tar:
+            members = [m for m in tar.getmembers()
+                       if m.isfile() and m.name.lower().endswith(IMAGE_SUFFIXES)]
+        bad = [m.name for m in members if len(m.name.split("/")) != 3]
+        if bad:
+            raise ValueError(f"{spec.path}: members must be <split>/<class>/<file>, got e.g. {bad[:3]}")
+        if not members:
+            raise ValueError(f"dataset {spec} is empty: no image members")
+        members.sort(key=lambda m: m.name)
+        classes = sorted({m.name.split("/")[1] for m in members})
+        index = {c: i for i, c in enumerate(classes)}
+        self.classes = classes
+        self.ids = [m.name for m in members]
+        self.labels = np.asarray([index[m.name.split("/")[1]] for m in members], np.int64)
+        self._offsets = [(m.offset_data, m.size) for m in members]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def load(self, index: int) -> Image.Image:
+        offset, size = self._offsets[index]
+        with open(self.spec.path, "rb") as f:  # one handle per call: safe from threads
+            f.seek(offset)
+            return Image.open(io.BytesIO(f.read(size)))
+
+
+class TfdsSource:
+    """``tfds:NAME[/CONFIG][:SPLIT]`` through ``tfds.data_source`` (random access, no TF)."""
+
+    def __init__(self, spec: DatasetSpec, *, data_dir: str | None = None):
+        import tensorflow_datasets as tfds
+
+        self.spec = spec
+        name = spec.path + (f"/{spec.config}" if spec.config else "")
+        try:
+            self._source = tfds.data_source(name, split=spec.split or "test", data_dir=data_dir,
+                                            download=False)
+        except Exception as e:  # TFDS raises several types for "not prepared"
+            raise FileNotFoundError(
+                f"TFDS dataset {spec} is not prepared in {data_dir or '~/tensorflow_datasets'}: {e}\n"
+                "Prepare it once with TensorFlow installed (pip install tensorflow; "
+                f"tfds.builder('{name}').download_and_prepare(file_format='array_record')), "
+                "or use a folder:/tar: dataset.") from e
+        if len(self._source) == 0:
+            raise ValueError(f"dataset {spec} is empty")
+        self.labels = np.asarray([int(self._source[i]["label"]) for i in range(len(self._source))])
+        self.ids = [f"{spec}#{i}" for i in range(len(self._source))]
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def load(self, index: int) -> Image.Image:
+        return Image.fromarray(np.asarray(self._source[index]["image"]))
+
+
+def open_dataset(text: str, *, flag: str = "dataset", data_dir: str | None = None) -> ImageSource:
+    """The :class:`ImageSource` for a spec string (errors name ``--flag`` and the value)."""
+    spec = parse_spec(text, flag=flag)
+    if spec.kind == "folder":
+        return FolderSource(spec)
+    if spec.kind == "tar":
+        return TarSource(spec)
+    return TfdsSource(spec, data_dir=data_dir)
+
+
+def preprocess(image: Image.Image, pre: Preprocessing) -> np.ndarray:
+    """PIL image -> float32 [input_size, input_size, 3], normalised.
+
+    timm's eval transform: resize the shorter side to ``floor(input_size / crop_pct)``
+    with ``pre.interpolation``, centre-crop ``input_size``, ``(x/255 - mean) / std``.
+    """
+    image = image.convert("RGB")
+    size = pre.input_size
+    scale_size = math.floor(size / pre.crop_pct)
+    w, h = image.size
+    if (w, h) != (scale_size, scale_size) or w != h:
+        if w <= h:
+            new_w, new_h = scale_size, max(1, int(round(h * scale_size / w)))
+        else:
+            new_w, new_h = max(1, int(round(w * scale_size / h))), scale_size
+        if (new_w, new_h) != (w, h):
+            image = image.resize((new_w, new_h), _PIL_INTERPOLATION[pre.interpolation])
+        w, h = new_w, new_h
+    left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
+    image = image.crop((left, top, left + size, top + size))
+    x = np.asarray(image, np.float32) / 255.0
+    return (x - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
+
+
+def sample_indices(num_total: int, num: int | None, *, seed: int = 0, flag: str = "images") -> np.ndarray:
+    """``num`` distinct indices of ``range(num_total)``, deterministic in ``seed``, sorted.
+
+    ``num=None`` (or equal to the total) means all. Raises ValueError if ``num`` > total.
+    """
+    if num is None or num == num_total:
+        return np.arange(num_total)
+    if not 0 < num <= num_total:
+        raise ValueError(f"--{flag}={num} but the dataset has {num_total} images")
+    return np.sort(np.random.default_rng(seed).choice(num_total, size=num, replace=False))
+
+
+def iterate_batches(source: ImageSource, indices: Sequence[int], pre: Preprocessing, *,
+                    batch_size: int, num_workers: int = 8) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yields ``(images [B, S, S, 3] float32, labels [B] int32)``; the last batch may be short.
+
+    Images are decoded and preprocessed by a thread pool, one batch ahead.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    indices = list(indices)
+    chunks = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+
+    def build(chunk):
+        images = np.stack([preprocess(source.load(i), pre) for i in chunk])
+        return images, source.labels[chunk].astype(np.int32)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=num_workers) as pool:
+        pending = None
+        for chunk in chunks:
+            future = pool.submit(build, chunk)
+            if pending is not None:
+                yield pending.result()
+            pending = future
+        if pending is not None:
+            yield pending.result()

