@@ -7,7 +7,10 @@ Spec strings (the same for every script's ``--dataset`` / ``--calib_dataset``):
 * ``tar:FILE`` — an uncompressed tar with members ``<split>/<class>/<file>`` (class
   index = sorted class order; CIFAR-10/100 class orders are alphabetical);
 * ``tfds:NAME[/CONFIG][:SPLIT]`` — a prepared TFDS dataset read with
-  ``tfds.data_source`` (array_record format; preparing one needs TensorFlow).
+  ``tfds.data_source`` (array_record format; preparing one needs TensorFlow);
+* ``pkg:foolbox_imagenet`` — the 20 labelled ImageNet photos that ship in PyPI
+  ``foolbox==3.3.4``; ``pkg:skimage`` — the natural sample photos that ship in
+  ``scikit-image`` (unlabelled: calibration only). Demonstration-sized, offline.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ _PIL_INTERPOLATION = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bic
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
-    """A parsed spec string: ``kind`` in tfds/folder/tar, ``path`` (dir, file or TFDS name)."""
+    """A parsed spec string: ``kind`` in tfds/folder/tar/pkg, ``path`` (dir, file or name)."""
 
     kind: str
     path: str
@@ -52,9 +55,12 @@ def parse_spec(text: str, *, flag: str = "dataset") -> DatasetSpec:
       ValueError: the text does not parse (the message names ``flag`` and the value).
     """
     kind, sep, rest = str(text).partition(":")
-    if not sep or not rest or kind not in ("tfds", "folder", "tar"):
+    if not sep or not rest or kind not in ("tfds", "folder", "tar", "pkg"):
         raise ValueError(f"--{flag}={text!r} does not parse: expected tfds:NAME[/CONFIG][:SPLIT], "
-                         "folder:DIR or tar:FILE")
+                         f"folder:DIR, tar:FILE or pkg:{{{','.join(PACKAGE_DATASETS)}}}")
+    if kind == "pkg" and rest not in PACKAGE_DATASETS:
+        raise ValueError(f"--{flag}={text!r}: unknown package dataset {rest!r}; "
+                         f"known: {', '.join(PACKAGE_DATASETS)}")
     if kind != "tfds":
         return DatasetSpec(kind, rest)
     name, _, split = rest.partition(":")
@@ -182,6 +188,45 @@ class TfdsSource:
         return Image.fromarray(np.asarray(self._source[index]["image"]))
 
 
+UNLABELLED = -1
+# scikit-image's natural (photographic) sample images; the rest are synthetic or text.
+SKIMAGE_PHOTOS = ("astronaut.png", "brick.png", "camera.png", "cell.png", "chelsea.png", "coffee.png",
+                  "coins.png", "grass.png", "gravel.png", "hubble_deep_field.jpg", "ihc.png",
+                  "moon.png", "motorcycle_left.png", "motorcycle_right.png", "retina.jpg", "rocket.jpg")
+PACKAGE_DATASETS = ("foolbox_imagenet", "skimage")
+
+
+class PackageSource:
+    """``pkg:foolbox_imagenet`` (20 labelled ImageNet photos) or ``pkg:skimage`` (unlabelled)."""
+
+    def __init__(self, spec: DatasetSpec):
+        self.spec = spec
+        module, pip_name = {"foolbox_imagenet": ("foolbox", "foolbox==3.3.4"),
+                            "skimage": ("skimage", "scikit-image")}[spec.path]
+        try:
+            package = __import__(module)
+        except ImportError as e:
+            raise ImportError(f"dataset {spec} needs `pip install {pip_name}` (extra 'demo')") from e
+        folder = os.path.join(os.path.dirname(package.__file__), "data")
+        if spec.path == "foolbox_imagenet":
+            files = sorted(f for f in os.listdir(folder) if f.startswith("imagenet_"))
+            labels = [int(os.path.splitext(f)[0].rsplit("_", 1)[1]) for f in files]
+        else:
+            files = [f for f in SKIMAGE_PHOTOS if os.path.isfile(os.path.join(folder, f))]
+            labels = [UNLABELLED] * len(files)
+        if not files:
+            raise ValueError(f"dataset {spec} is empty: no images in {folder}")
+        self._folder = folder
+        self.ids = files
+        self.labels = np.asarray(labels, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def load(self, index: int) -> Image.Image:
+        return Image.open(os.path.join(self._folder, self.ids[index]))
+
+
 def open_dataset(text: str, *, flag: str = "dataset", data_dir: str | None = None) -> ImageSource:
     """The :class:`ImageSource` for a spec string (errors name ``--flag`` and the value)."""
     spec = parse_spec(text, flag=flag)
@@ -189,6 +234,8 @@ def open_dataset(text: str, *, flag: str = "dataset", data_dir: str | None = Non
         return FolderSource(spec)
     if spec.kind == "tar":
         return TarSource(spec)
+    if spec.kind == "pkg":
+        return PackageSource(spec)
     return TfdsSource(spec, data_dir=data_dir)
 
 
@@ -252,3 +299,36 @@ def iterate_batches(source: ImageSource, indices: Sequence[int], pre: Preprocess
             pending = future
         if pending is not None:
             yield pending.result()
+
+
+def same_source(a: ImageSource, b: ImageSource) -> bool:
+    """Whether two sources read the same images (same kind and resolved path/name)."""
+    resolve = lambda s: (s.spec.kind, os.path.realpath(s.spec.path) if s.spec.kind in ("folder", "tar")
+                         else s.spec.path, s.spec.config, s.spec.split)
+    return resolve(a) == resolve(b)
+
+
+def calibration_indices(calib: ImageSource, num: int | None, *, seed: int = 0,
+                        eval_source: ImageSource | None = None,
+                        eval_indices: Sequence[int] = (), flag: str = "calib_images") -> np.ndarray:
+    """Calibration image indices, disjoint from the evaluation images when both share a source.
+
+    Args:
+      calib: calibration source.
+      num: how many (None: all that are allowed).
+      seed: sampling seed.
+      eval_source, eval_indices: the evaluation images to stay clear of.
+
+    Raises:
+      ValueError: ``num`` exceeds the images available (named by ``flag``).
+    """
+    allowed = np.arange(len(calib))
+    if eval_source is not None and same_source(calib, eval_source):
+        allowed = np.setdiff1d(allowed, np.asarray(eval_indices, np.int64))
+        if len(allowed) == 0:
+            raise ValueError(f"calibration and evaluation use the same images of {calib.spec}; "
+                             "evaluate on fewer images or calibrate on another split")
+    if num is not None and num > len(allowed):
+        raise ValueError(f"--{flag}={num} but only {len(allowed)} images of {calib.spec} are "
+                         "available for calibration (disjoint from evaluation)")
+    return allowed[sample_indices(len(allowed), num, seed=seed, flag=flag)]

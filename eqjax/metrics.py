@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from typing import Any, Callable, Iterable
@@ -25,6 +26,20 @@ def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
 def data_mesh() -> Mesh:
     """A 1-D mesh over all local devices, axis ``data``."""
     return Mesh(np.asarray(jax.local_devices()), ("data",))
+
+
+@functools.lru_cache(maxsize=16)
+def _eval_step(logits_fn: Callable[[Any, jax.Array], jax.Array]) -> Callable:
+    """One jitted step per ``logits_fn``: evaluating many states (policies) compiles once."""
+
+    @jax.jit
+    def step(state, images, labels, valid):
+        logits = logits_fn(state, images).astype(jnp.float32)
+        top1 = jnp.sum(topk_correct(logits, labels, 1) & valid)
+        top5 = jnp.sum(topk_correct(logits, labels, min(5, logits.shape[-1])) & valid)
+        return top1, top5
+
+    return step
 
 
 def single_device_mesh() -> Mesh:
@@ -59,13 +74,7 @@ def evaluate(logits_fn: Callable[[Any, jax.Array], jax.Array], state: Any,
     padded = -(-batch_size // devices) * devices
     data_sharding = NamedSharding(mesh, PartitionSpec("data"))
     state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
-
-    @jax.jit
-    def step(state, images, labels, valid):
-        logits = logits_fn(state, images).astype(jnp.float32)
-        top1 = jnp.sum(topk_correct(logits, labels, 1) & valid)
-        top5 = jnp.sum(topk_correct(logits, labels, min(5, logits.shape[-1])) & valid)
-        return top1, top5
+    step = _eval_step(logits_fn)
 
     correct1 = correct5 = seen = 0
     start = last_report = time.perf_counter()

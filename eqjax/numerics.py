@@ -42,6 +42,7 @@ __all__ = [
     "quant_range",
     "absmax_scale",
     "quantize",
+    "quantize_clipped",
     "quantize_int",
     "dequantize",
     "fake_quant",
@@ -117,7 +118,7 @@ def compute_dtype(dtype) -> jnp.dtype:
 # ----------------------------------------------------------------------------
 
 
-def quant_range(bits: Any, *, signed: bool = True, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+def quant_range(bits: Any, *, signed: Any = True, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
     """Integer grid ends ``(q_min, q_max)`` as float arrays.
 
     Signed: ``(-2^(b-1), 2^(b-1) - 1)``; unsigned: ``(0, 2^b - 1)``. Traced bits
@@ -125,7 +126,7 @@ def quant_range(bits: Any, *, signed: bool = True, dtype=jnp.float32) -> tuple[j
 
     Args:
       bits: Python int or integer array of shape [].
-      signed: signed or unsigned grid.
+      signed: Python bool, or a bool array of shape [] (then the grid is data too).
       dtype: float dtype of the result.
 
     Returns:
@@ -134,15 +135,43 @@ def quant_range(bits: Any, *, signed: bool = True, dtype=jnp.float32) -> tuple[j
     # Integer shifts, not exp2: XLA's exp2 is approximate (2^15 -> 32767.998 on CPU).
     b = jnp.asarray(bits).astype(jnp.int32)
     valid = (b >= MIN_BITS) & (b <= MAX_BITS)
-    nan = jnp.asarray(jnp.nan, dtype)
     one = jnp.ones_like(b)
-    if signed:
-        half = jnp.left_shift(one, jnp.clip(b - 1, 0, 30))
-        q_min, q_max = -half, half - 1
+    half = jnp.left_shift(one, jnp.clip(b - 1, 0, 30))
+    signed_ends = (-half, half - 1)
+    unsigned_ends = (jnp.zeros_like(b), jnp.left_shift(one, jnp.clip(b, 0, 30)) - 1)
+    if isinstance(signed, (bool, np.bool_)):
+        q_min, q_max = signed_ends if signed else unsigned_ends
     else:
-        q_min, q_max = jnp.zeros_like(b), jnp.left_shift(one, jnp.clip(b, 0, 30)) - 1
-    q_min, q_max = q_min.astype(dtype), q_max.astype(dtype)
-    return jnp.where(valid, q_min, nan), jnp.where(valid, q_max, nan)
+        signed = jnp.asarray(signed)
+        q_min = jnp.where(signed, signed_ends[0], unsigned_ends[0])
+        q_max = jnp.where(signed, signed_ends[1], unsigned_ends[1])
+    nan = jnp.asarray(jnp.nan, dtype)
+    return jnp.where(valid, q_min.astype(dtype), nan), jnp.where(valid, q_max.astype(dtype), nan)
+
+
+def quantize_clipped(x: jax.Array, bits: Any, clip: jax.Array, *, signed: Any = True) -> jax.Array:
+    """Fake-quantizes ``x`` to the grid whose largest level is ``clip``: ``s = clip / q_max``.
+
+    The form used for calibrated activations: the clipping value (absmax, a
+    percentile, an MSE-optimal clip) is data and independent of ``bits``, so the
+    same calibration serves every bit width. All of ``bits``, ``clip`` and
+    ``signed`` may be traced. Gradient: as :func:`fake_quant` (to ``clip`` through
+    the scale).
+
+    Args:
+      x: floating array.
+      bits: integer of shape [].
+      clip: positive float of shape [].
+      signed: bool (Python or array of shape []).
+
+    Returns:
+      Array of ``x``'s shape and dtype.
+    """
+    cdtype = compute_dtype(x.dtype)
+    q_min, q_max = quant_range(bits, signed=signed, dtype=cdtype)
+    clip = jnp.asarray(clip, cdtype)
+    scale = _scaled(jnp.where((clip > 0) & jnp.isfinite(clip), clip, jnp.nan), q_max)
+    return fake_quant(x.astype(cdtype), scale, q_min, q_max).astype(x.dtype)
 
 
 def _reduction_axes(ndim: int, axis: int | None) -> tuple[int, ...]:
@@ -205,7 +234,9 @@ def _check_scale_values(scale: jax.Array) -> None:
 
 
 def _sum_to_shape(a: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """Sums a broadcast result back to ``shape`` (same rank, size-1 axes summed)."""
+    """Sums a broadcast result back to ``shape`` (leading axes and size-1 axes summed)."""
+    lead = a.ndim - len(shape)
+    a = jnp.sum(a, axis=tuple(range(lead))) if lead else a
     axes = tuple(i for i, n in enumerate(shape) if n == 1 and a.shape[i] != 1)
     return jnp.sum(a, axis=axes, keepdims=True).reshape(shape)
 

@@ -166,3 +166,14 @@ def test_bad_scale_shape_and_axis_and_dtype():
         eqjax.quantize(jnp.ones((2,), jnp.int32), 8)
     with pytest.raises(TypeError, match="integer array"):
         eqjax.dequantize(jnp.ones((2,), jnp.float32), 1.0)
+
+
+def test_quantize_clipped_matches_quantize_and_takes_data_grids():
+    x = jax.random.normal(jax.random.key(7), (4, 5), jnp.float32)
+    clip = jnp.max(jnp.abs(x))
+    np.testing.assert_array_equal(numerics.quantize_clipped(x, 6, clip), eqjax.quantize(x, 6))
+    relu = jax.nn.relu(x)
+    unsigned = numerics.quantize_clipped(relu, jnp.int32(4), jnp.max(relu), signed=jnp.array(False))
+    np.testing.assert_array_equal(unsigned, eqjax.quantize(relu, 4, signed=False))
+    grad = jax.grad(lambda c: jnp.sum(numerics.quantize_clipped(x, 4, c) ** 2))(clip * 0.5)
+    assert grad.shape == () and np.isfinite(grad)

