@@ -104,7 +104,7 @@ def main(argv):
         available = len(calib_source) - (len(eval_idx) if data.same_source(calib_source, eval_source) else 0)
         calib_num = min(DEFAULT_CALIB_IMAGES, available)
         if calib_num < DEFAULT_CALIB_IMAGES:
-            common.log(f"calibrating on all {calib_num} images of {calib_source.spec} "
+            common.log(f"will calibrate on all {calib_num} images of {calib_source.spec} "
                        f"(fewer than the study's {DEFAULT_CALIB_IMAGES})")
     calib_idx = data.calibration_indices(calib_source, calib_num, seed=FLAGS.seed,
                                          eval_source=eval_source, eval_indices=eval_idx)
