@@ -26,7 +26,7 @@ from absl import app, flags
 
 import jax
 
-from eqjax import apply, calibration, data, metrics, models, numerics, policy as policy_lib
+from eqjax import apply, calibration, data, energy, metrics, models, numerics, policy as policy_lib
 from experiments import common
 
 FLAGS = flags.FLAGS
@@ -46,6 +46,7 @@ flags.DEFINE_bool("unsigned_activations", True, "Unsigned grid for inputs that a
 flags.DEFINE_bool("quantize_matmuls", True, "Quantize the attention matmul operands of ViTs.")
 flags.DEFINE_integer("batch_size", 64, "Batch size (split over all local devices).")
 flags.DEFINE_integer("seed", 0, "Seed of image sampling.")
+flags.DEFINE_enum("energy_preset", "paper", list(energy.PRESETS), "Energy model of the results.")
 flags.DEFINE_string("workdir", "runs/default", "Output folder; results go to WORKDIR/ptq/.")
 
 DEFAULT_CALIB_IMAGES = 256  # the study's calibration set size
@@ -148,18 +149,23 @@ def main(argv):
     common.log(f"W{w_bits}A{a_bits} top-1 {quant['top1']:.2f}% top-5 {quant['top5']:.2f}%")
 
     bits = policy_lib.bits_table(policy)
+    energy_model = energy.get_preset(FLAGS.energy_preset)
+    report = energy.energy_report(energy.count_layers(model, spec.example_input(1)), bits, energy_model)
     result = {
         "experiment": "ptq", "model": spec.name, "weights": weights_source, "num_classes": num_classes,
         "config": {k: FLAGS[k].value for k in (
             "model", "weights", "bits", "w_bits", "a_bits", "dataset", "calib_dataset", "calib_images",
             "eval_images", "calib_method", "weight_method", "keep_first_last_bits",
-            "unsigned_activations", "quantize_matmuls", "batch_size", "seed", "workdir")},
+            "unsigned_activations", "quantize_matmuls", "batch_size", "seed", "energy_preset",
+            "workdir")},
         "preprocessing": pre.to_dict(), "environment": common.environment(),
         "w_bits": w_bits, "a_bits": a_bits, "bits": bits,
         "activation_clips": {n: {"clip": lq.a_clip, "signed": lq.a_signed} for n, lq in policy.items()},
         "top1": quant["top1"], "top5": quant["top5"], "fp32_top1": fp32["top1"], "fp32_top5": fp32["top5"],
         "num_eval_images": quant["num_images"], "num_calib_images": int(len(calib_idx)),
-        "energy": None,  # filled by the energy model (issue 5)
+        "energy": {"model": energy_model.to_dict(), "batch_size": 1,
+                   **{k: report[k] for k in ("total", "mac", "memory", "relative", "mac_share",
+                                             "memory_share", "fp32_total", "per_layer")}},
         "wall_times_s": {"calibration": calibration_s, "fp32_eval": fp32["seconds"],
                          "quantized_eval": quant["seconds"],
                          "quantized_over_fp32": quant["seconds"] / fp32["seconds"],
@@ -170,7 +176,7 @@ def main(argv):
     path = common.write_json_atomic(f"{out}/results.json", result)
     print(f"{spec.name} W{w_bits}A{a_bits} ({FLAGS.calib_method}): top-1 {quant['top1']:.2f}% "
           f"(FP32 {fp32['top1']:.2f}%), top-5 {quant['top5']:.2f}% (FP32 {fp32['top5']:.2f}%) "
-          f"on {quant['num_images']} images -> {path}")
+          f"on {quant['num_images']} images, energy {report['relative']:.4f} of FP32 -> {path}")
 
 
 if __name__ == "__main__":

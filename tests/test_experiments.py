@@ -90,3 +90,49 @@ def test_readme_main_job_runs_offline(tmp_path):
         results = json.load(f)
     assert results["model"] == "efficientnet_lite0" and results["num_eval_images"] == 20
     assert results["fp32_top1"] >= 70.0 and results["top1"] >= 70.0, result.stdout
+
+
+def test_energy_cli_table_json_and_plot(tmp_path):
+    result = run("experiments.energy", "--model=resnet18_cifar", "--bits=6", f"--workdir={tmp_path}")
+    assert "layer1.0.conv1" in result.stdout and "relative to FP32" in result.stdout
+    with open(tmp_path / "energy" / "results.json") as f:
+        payload = json.load(f)
+    rel = {k: v["relative"] for k, v in payload["configurations"].items()}
+    assert list(rel) == ["FP32", "W8A8", "W6A6", "W4A4"] and payload["requested"] == "W6A6"
+    assert rel["FP32"] == 1.0 > rel["W8A8"] > rel["W6A6"] > rel["W4A4"]
+    assert (tmp_path / "energy" / "energy.png").stat().st_size > 1000
+    bad = run("experiments.energy", "--model=resnet18_cifar", "--preset=tpu", check=False)
+    assert bad.returncode != 0 and "--preset" in bad.stderr
+
+
+def test_energy_cli_reads_a_bits_table(tmp_path):
+    names = [line.split()[0] for line in run("experiments.energy", "--model=resnet18_cifar", "--bits=8",
+                                             f"--workdir={tmp_path}").stdout.splitlines()[2:23]]
+    table = {n: {"w": 4, "a": 8} for n in names}
+    (tmp_path / "bits.json").write_text(json.dumps({"bits": table}))
+    run("experiments.energy", "--model=resnet18_cifar", f"--bits_json={tmp_path / 'bits.json'}",
+        f"--workdir={tmp_path}")
+    with open(tmp_path / "energy" / "results.json") as f:
+        payload = json.load(f)
+    assert payload["requested"] == "policy"
+    assert payload["configurations"]["W4A4"]["relative"] < payload["configurations"]["policy"]["relative"]
+    del table[names[0]]
+    (tmp_path / "bits.json").write_text(json.dumps(table))
+    bad = run("experiments.energy", "--model=resnet18_cifar", f"--bits_json={tmp_path / 'bits.json'}",
+              check=False)
+    assert bad.returncode != 0 and f"model layers without bits (1): {names[0]}" in bad.stderr
+
+
+def test_pareto_cli(tmp_path):
+    for name, w, top1, rel in (("a", 8, 74.0, 0.22), ("b", 6, 73.8, 0.16), ("c", 4, 60.0, 0.11),
+                               ("d", 5, 59.0, 0.14)):
+        (tmp_path / name / "ptq").mkdir(parents=True)
+        (tmp_path / name / "ptq" / "results.json").write_text(json.dumps(
+            {"experiment": "ptq", "model": "m", "w_bits": w, "a_bits": w, "top1": top1,
+             "fp32_top1": 74.1, "energy": {"relative": rel}}))
+    result = run("experiments.pareto", f"--results={tmp_path}/*/ptq/results.json", f"--workdir={tmp_path}")
+    with open(tmp_path / "pareto" / "results.json") as f:
+        front = json.load(f)["models"]["m"]["front"]
+    assert [p["label"] for p in front] == ["W4A4", "W6A6", "W8A8", "FP32"]
+    assert "W5A5" not in result.stdout
+    assert (tmp_path / "pareto" / "pareto.png").stat().st_size > 1000

@@ -1,0 +1,115 @@
+"""Energy table of a model under a bits policy (no data needed): the study's eq. 7 and Figure 1.
+
+    python -m experiments.energy --model=deit_tiny --bits=6
+
+Prints the per-layer table (MACs, weights, MAC and memory energy) and totals relative to
+FP32, and writes WORKDIR/energy/results.json and energy.png: MAC vs memory energy of FP32,
+W8A8, W6A6, W4A4 and the requested policy (a mixed one via --bits_json, e.g. a ptq or
+mixed results.json). Presets: paper, horowitz45nm, horowitz45nm_sram; or --energy_json.
+"""
+
+from __future__ import annotations
+
+import json
+
+from absl import app, flags
+
+from eqjax import energy, models, numerics, policy as policy_lib
+from experiments import common
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("model", "deit_tiny", list(models.names()), "Registry name of the model.")
+flags.DEFINE_integer("bits", 8, "Weight and activation bits.")
+flags.DEFINE_integer("w_bits", None, "Weight bits (default --bits).")
+flags.DEFINE_integer("a_bits", None, "Activation bits (default --bits).")
+flags.DEFINE_integer("keep_first_last_bits", 8, "Bits of the first and last layer; 0 = no exception.")
+flags.DEFINE_string("bits_json", None, "A results.json (or {name: {w, a}} file) with per-layer bits.")
+flags.DEFINE_enum("preset", "paper", list(energy.PRESETS), "Energy model preset.")
+flags.DEFINE_string("energy_json", None, "A user-defined energy model (EnergyModel fields).")
+flags.DEFINE_integer("num_classes", None, "Classes (default: the model's).")
+flags.DEFINE_integer("batch_size", 1, "Images per inference (weights are read once per batch).")
+flags.DEFINE_string("workdir", "runs/default", "Output folder; results go to WORKDIR/energy/.")
+
+
+def read_bits(path: str) -> dict:
+    with open(path) as f:
+        payload = json.load(f)
+    return payload.get("bits", payload)
+
+
+def _plot(path, rows, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r["label"] for r in rows]
+    mac = [r["mac"] / rows[0]["total"] for r in rows]
+    memory = [r["memory"] / rows[0]["total"] for r in rows]
+    fig, ax = plt.subplots(figsize=(1.4 * len(rows) + 2, 4))
+    ax.bar(labels, memory, label="memory", color="tab:orange")
+    ax.bar(labels, mac, bottom=memory, label="MAC", color="tab:blue")
+    for i, r in enumerate(rows):
+        ax.text(i, r["relative"] + 0.01, f"{r['relative']:.3f}", ha="center", fontsize=8)
+    ax.set_ylabel("energy relative to FP32")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv):
+    del argv
+    w_bits = FLAGS.w_bits if FLAGS.w_bits is not None else FLAGS.bits
+    a_bits = FLAGS.a_bits if FLAGS.a_bits is not None else FLAGS.bits
+    numerics.check_bits(w_bits, name="--w_bits")
+    numerics.check_bits(a_bits, name="--a_bits")
+    if FLAGS.batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
+    model_e = energy.load_energy_model(FLAGS.energy_json) if FLAGS.energy_json else energy.get_preset(FLAGS.preset)
+    spec = models.get(FLAGS.model)
+    num_classes = FLAGS.num_classes or spec.num_classes
+    counts = energy.count_layers(spec.build(num_classes=num_classes), spec.example_input(FLAGS.batch_size))
+    calls = spec.trace(num_classes=num_classes)
+    keep = FLAGS.keep_first_last_bits or None
+
+    def uniform(b_w, b_a):
+        return policy_lib.bits_table(policy_lib.build(calls, w_bits=b_w, a_bits=b_a, keep_first_last_bits=keep))
+
+    configs = [("FP32", None)] + [(f"W{b}A{b}", uniform(b, b)) for b in (8, 6, 4)]
+    if FLAGS.bits_json:
+        configs.append(("policy", read_bits(FLAGS.bits_json)))
+    elif (w_bits, a_bits) not in {(b, b) for b in (8, 6, 4)}:
+        configs.append((f"W{w_bits}A{a_bits}", uniform(w_bits, a_bits)))
+    requested_label = "policy" if FLAGS.bits_json else f"W{w_bits}A{a_bits}"
+    reports = {label: energy.energy_report(counts, bits, model_e) for label, bits in configs}
+    requested = reports[requested_label]
+
+    print(f"{spec.name}, {requested_label}, batch {FLAGS.batch_size}, energy model {model_e.name} "
+          f"({model_e.unit})")
+    print(f"{'layer':28s} {'w':>3s} {'a':>3s} {'MACs':>12s} {'weights':>10s} {'E_MAC':>11s} {'E_mem':>11s}")
+    for row in requested["per_layer"]:
+        print(f"{row['name']:28s} {row['w_bits'] or 32:3d} {row['a_bits'] or 32:3d} {row['macs']:12,d} "
+              f"{row['weight_elements']:10,d} {row['mac']:11.4g} {row['memory']:11.4g}")
+    print(f"total MACs {requested['macs']:,}, weights {requested['weight_elements']:,}")
+    for label, r in reports.items():
+        print(f"{label:8s} total {r['total']:.4g} {r['unit']} (MAC {100 * r['mac_share']:.1f}%, "
+              f"memory {100 * r['memory_share']:.1f}%), relative to FP32 {r['relative']:.4f}")
+
+    out = common.output_dir(FLAGS.workdir, "energy")
+    rows = [{"label": label, **{k: r[k] for k in ("total", "mac", "memory", "relative")}}
+            for label, r in reports.items()]
+    _plot(f"{out}/energy.png", rows, f"{spec.name}: energy by configuration ({model_e.name})")
+    result = {"experiment": "energy", "model": spec.name, "num_classes": num_classes,
+              "config": {k: FLAGS[k].value for k in ("model", "bits", "w_bits", "a_bits",
+                                                     "keep_first_last_bits", "bits_json", "preset",
+                                                     "energy_json", "batch_size", "workdir")},
+              "energy_model": model_e.to_dict(), "environment": common.environment(),
+              "requested": requested_label, "configurations": reports}
+    path = common.write_json_atomic(f"{out}/results.json", result)
+    print(f"wrote {path} and {out}/energy.png")
+
+
+if __name__ == "__main__":
+    app.run(main)
