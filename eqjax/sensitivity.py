@@ -1,0 +1,201 @@
+"""Layer sensitivity (the study's eq. 5) for every layer and bit width in ONE compiled call.
+
+For layer l quantized alone at b bits (weights and inputs), on calibration images:
+
+* ``l2``:      S_l = ||y_l,full - y_l,quant||_2, y_l the output of layer l (eq. 5);
+* ``rel_l2``:  S_l / ||y_l,full||_2, comparable across layers of different sizes;
+* ``kl``:      mean KL(softmax(z_full) || softmax(z_quant)) of the logits z;
+* ``top1_agreement``: fraction of images whose argmax is unchanged;
+* ``delta_loss``: mean cross-entropy increase against the labels (when given).
+
+All L x B single-layer policies are stacked into one pytree and evaluated by one jitted
+function (``lax.map`` over chunks of ``vmap``), with images sharded over a device mesh.
+Since only layer l is quantized, the inputs of layer l equal the full-precision ones and
+its output difference is measured exactly, in the same forward as the logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from eqjax import apply, numerics
+from eqjax.intercept import is_quantizable, layer_name
+from eqjax.metrics import data_mesh
+from eqjax.policy import LayerQuant
+
+METRICS = ("l2", "rel_l2", "kl", "top1_agreement", "delta_loss")
+
+
+@dataclasses.dataclass(frozen=True)
+class SensitivityResult:
+    """Scores ``[layer, bits]`` per metric (numpy), with the layers and bit widths swept."""
+
+    layers: tuple[str, ...]
+    bits: tuple[int, ...]
+    scores: dict[str, np.ndarray]
+    num_images: int
+
+    def table(self, metric: str, bits: int) -> dict[str, float]:
+        """``{layer: score}`` of one metric at one bit width."""
+        if metric not in self.scores:
+            raise ValueError(f"metric must be one of {tuple(self.scores)}, got {metric!r}")
+        if bits not in self.bits:
+            raise ValueError(f"bits {bits} were not swept; swept: {self.bits}")
+        column = self.bits.index(bits)
+        return {name: float(self.scores[metric][i, column]) for i, name in enumerate(self.layers)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layers": list(self.layers), "bits": list(self.bits), "num_images": self.num_images,
+                "scores": {m: v.tolist() for m, v in self.scores.items()}}
+
+
+def single_layer_policies(policy: Mapping[str, LayerQuant], layers: Sequence[str],
+                          bits: Sequence[int]) -> dict[str, LayerQuant]:
+    """``policy`` with a leading axis of size ``len(layers) * len(bits)``: entry (i, j)
+    quantizes only ``layers[i]`` at ``bits[j]`` (weights and activations)."""
+    unknown = [n for n in layers if n not in policy]
+    if unknown:
+        raise ValueError(f"layers not in the policy: {', '.join(unknown)}")
+    if not layers:
+        raise ValueError("no layers to sweep")
+    for b in bits:
+        numerics.check_bits(b, name="sensitivity bits")
+    configs = [(name, b) for name in layers for b in bits]
+    stacked = {}
+    for name, lq in policy.items():
+        on = np.array([n == name for n, _ in configs])
+        b = np.array([bb if n == name else 8 for n, bb in configs], np.int32)
+        stacked[name] = LayerQuant(
+            w_bits=jnp.asarray(b), a_bits=jnp.asarray(b),
+            w_enabled=jnp.asarray(on & bool(lq.w_enabled)), a_enabled=jnp.asarray(on & bool(lq.a_enabled)),
+            a_clip=jnp.broadcast_to(lq.a_clip, (len(configs),) + lq.a_clip.shape),
+            a_signed=jnp.broadcast_to(lq.a_signed, (len(configs),) + lq.a_signed.shape))
+    return stacked
+
+
+def _forward_recording(model, variables, policy, images, fp_outputs):
+    """Quantized forward; returns (logits, {layer: squared output difference vs fp_outputs})."""
+    diffs = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name != "__call__" or not is_quantizable(module):
+            return next_fun(*args, **kwargs)
+        name = layer_name(module)
+        lq = policy.get(name) if policy is not None else None
+        inputs = list(args)
+        if lq is not None:
+            for i in range(lq.a_clip.shape[0]):
+                q = numerics.quantize_clipped(inputs[i], lq.a_bits, lq.a_clip[i], signed=lq.a_signed[i])
+                inputs[i] = jnp.where(lq.a_enabled, q, inputs[i])
+        out = next_fun(*inputs, **kwargs)
+        if fp_outputs is None:
+            diffs[name] = out  # the full-precision pass records outputs
+        elif name in fp_outputs:  # per image: [batch]
+            sq = jnp.square(out.astype(jnp.float32) - fp_outputs[name])
+            diffs[name] = jnp.sum(sq, axis=tuple(range(1, sq.ndim)))
+        return out
+
+    with nn.intercept_methods(interceptor):
+        logits = model.apply(variables, images)
+    return logits.astype(jnp.float32), diffs
+
+
+def make_sweep(model: nn.Module, layers: Sequence[str], *, chunk_size: int = 8):
+    """The compiled sweep ``(variables, stacked_policy, images, labels, mask) -> partial sums``.
+
+    Returns per-config sums over the batch: squared output difference of each swept
+    layer's own output, KL, agreement count, loss delta; plus FP output norms.
+    """
+    layers = tuple(layers)
+
+    @jax.jit
+    def sweep(variables, stacked, images, labels, mask):
+        fp_logits, fp_outputs = _forward_recording(model, variables, None, images, None)
+        fp_outputs = {n: fp_outputs[n].astype(jnp.float32) for n in layers}
+        fp_logp = jax.nn.log_softmax(fp_logits)
+        fp_loss = -jnp.take_along_axis(fp_logp, labels[:, None], axis=-1)[:, 0]
+        weights = mask.astype(jnp.float32)
+
+        def one(policy):
+            qvars = apply.quantize_weights(variables, policy)
+            logits, diffs = _forward_recording(model, qvars, policy, images, fp_outputs)
+            logp = jax.nn.log_softmax(logits)
+            kl = jnp.sum(jnp.exp(fp_logp) * (fp_logp - logp), axis=-1)
+            agree = (jnp.argmax(logits, -1) == jnp.argmax(fp_logits, -1)).astype(jnp.float32)
+            loss = -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
+            # Each config quantizes one layer: pick its own output difference.
+            own = sum(jnp.where(policy[n].a_enabled | policy[n].w_enabled, diffs[n], 0.0) for n in layers)
+            return {"sq_diff": jnp.sum(own * weights), "kl": jnp.sum(kl * weights), "agree": jnp.sum(agree * weights),
+                    "dloss": jnp.sum((loss - fp_loss) * weights)}
+
+        sums = jax.lax.map(one, stacked, batch_size=chunk_size)
+        per_image = lambda a: jnp.sum(jnp.square(a), axis=tuple(range(1, a.ndim)))
+        norms = jnp.stack([jnp.sum(per_image(fp_outputs[n]) * weights) for n in layers])
+        return sums, norms
+
+    return sweep
+
+
+def sweep_sensitivity(model: nn.Module, variables: Any, policy: Mapping[str, LayerQuant],
+                      batches: Iterable[tuple[np.ndarray, np.ndarray]], *, layers: Sequence[str],
+                      bits: Sequence[int] = (4, 6, 8), batch_size: int, chunk_size: int = 8,
+                      mesh: Mesh | None = None, on_batch=None) -> SensitivityResult:
+    """Sensitivity of every layer in ``layers`` at every bit width in ``bits``.
+
+    Args:
+      model, variables: the full-precision model.
+      policy: a calibrated policy (its clips are used; its bits are replaced).
+      batches: ``(images, labels)``; labels < 0 mean unlabelled (``delta_loss`` then 0).
+      layers: the layers to sweep (e.g. the conv/dense layers).
+      bits: bit widths, all in one call.
+      batch_size: the largest batch (padded; one compilation).
+      chunk_size: configurations evaluated together by ``vmap`` (bounds memory).
+      mesh: devices to shard images over (default all local devices).
+
+    Returns:
+      :class:`SensitivityResult` with scores ``[len(layers), len(bits)]`` per metric.
+
+    Short batches are padded and the padding is masked out of every metric.
+    """
+    mesh = mesh or data_mesh()
+    devices = mesh.devices.size
+    padded = -(-batch_size // devices) * devices
+    stacked = single_layer_policies(policy, layers, bits)
+    sweep = make_sweep(model, layers, chunk_size=chunk_size)
+    shard = NamedSharding(mesh, PartitionSpec("data"))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    variables, stacked = jax.device_put((variables, stacked), replicated)
+    totals, norms, seen, labelled = None, None, 0, True
+    for images, labels in batches:
+        n = len(labels)
+        if n > padded:
+            raise ValueError(f"a batch of {n} images exceeds batch_size={batch_size}")
+        labelled &= bool(np.all(labels >= 0))
+        pad = padded - n
+        images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
+        labels = np.concatenate([np.maximum(labels, 0), np.zeros((pad,), labels.dtype)]).astype(np.int32)
+        mask = np.arange(padded) < n
+        sums, batch_norms = sweep(variables, stacked, *jax.device_put((images, labels, mask), shard))
+        sums, batch_norms = jax.device_get((sums, batch_norms))
+        totals = sums if totals is None else {k: totals[k] + sums[k] for k in sums}
+        norms = batch_norms if norms is None else norms + batch_norms
+        seen += n
+        if on_batch is not None:
+            on_batch(seen)
+    if seen == 0:
+        raise ValueError("no images for the sensitivity sweep")
+    shape = (len(layers), len(bits))
+    l2 = np.sqrt(totals["sq_diff"]).reshape(shape)
+    scores = {"l2": l2, "rel_l2": l2 / np.sqrt(np.maximum(norms, 1e-30))[:, None],
+              "kl": (totals["kl"] / seen).reshape(shape),
+              "top1_agreement": (totals["agree"] / seen).reshape(shape),
+              "delta_loss": (totals["dloss"] / seen).reshape(shape) if labelled else np.zeros(shape)}
+    return SensitivityResult(tuple(layers), tuple(int(b) for b in bits), scores, seen)
