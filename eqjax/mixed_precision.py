@@ -26,6 +26,18 @@ from eqjax import numerics
 STUDY_PERCENTILE_BITS = ((75.0, 8), (25.0, 6), (0.0, 4))
 
 
+def percentile_thresholds(bit_set: Sequence[int]) -> tuple[tuple[float, int], ...]:
+    """``(percentile, bits)`` cuts for a bit set: the study's 25/50/25 split for three widths
+    (>= P75 -> widest, P25..P75 -> middle, < P25 -> narrowest), equal shares otherwise."""
+    widths = sorted(set(int(b) for b in bit_set), reverse=True)
+    if not widths:
+        raise ValueError("empty bit set")
+    if len(widths) == 3:
+        return tuple(zip((75.0, 25.0, 0.0), widths))
+    k = len(widths)
+    return tuple((100.0 * (k - 1 - i) / k, b) for i, b in enumerate(widths))
+
+
 def percentile_bits(sensitivity: Mapping[str, float], *,
                     thresholds: Sequence[tuple[float, int]] = STUDY_PERCENTILE_BITS) -> dict[str, int]:
     """Bits per layer from its sensitivity percentile (eq. 6).

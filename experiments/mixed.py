@@ -98,7 +98,7 @@ def main(argv):
     else:
         sens = setup_lib.run_sweep(setup, stats, bit_set)
     percentile = mp.percentile_bits({n: v for n, v in sens.table(FLAGS.metric, FLAGS.sensitivity_bits).items()
-                                     if n in layers})
+                                     if n in layers}, thresholds=mp.percentile_thresholds(bit_set))
     to_table = lambda allocation: {**{n: {"w": b, "a": b} for n, b in allocation.items()}, **matmuls}
     if FLAGS.strategy == "percentile":
         allocation = percentile
@@ -116,7 +116,7 @@ def main(argv):
     fp32 = setup_lib.evaluate_fp32(setup)
     quant = setup_lib.evaluate_policy(setup, policy, f"mixed-{FLAGS.strategy}")
     bits = policy_lib.bits_table(policy)
-    counts_by_bits = {str(b): sum(1 for n in layers if allocation[n] == b) for b in bit_set}
+    counts_by_bits = {str(b): sum(1 for n in layers if allocation[n] == b) for b in sorted(set(allocation.values()))}
     result = setup_lib.base_result(setup, "mixed", ("strategy", "budget", "bit_set", "metric", "sensitivity_bits",
                                                     "cost_metric", "matmul_bits", "sensitivity_json", "workdir"))
     result.update({

@@ -136,3 +136,30 @@ def test_pareto_cli(tmp_path):
     assert [p["label"] for p in front] == ["W4A4", "W6A6", "W8A8", "FP32"]
     assert "W5A5" not in result.stdout
     assert (tmp_path / "pareto" / "pareto.png").stat().st_size > 1000
+
+
+def test_sensitivity_then_mixed_budget_cli(toy_tar, tmp_path):
+    common = ["--model=resnet18_cifar", "--weights=random", f"--dataset=tar:{toy_tar}",
+              f"--calib_dataset=tar:{toy_tar}", "--eval_images=12", "--calib_images=8", "--batch_size=8"]
+    result = run("experiments.sensitivity", *common, "--bits=4,8", f"--workdir={tmp_path}")
+    assert "most sensitive:" in result.stdout and "most robust:" in result.stdout
+    with open(tmp_path / "sensitivity" / "results.json") as f:
+        sens = json.load(f)
+    assert len(sens["sensitivity"]["layers"]) == 21 and sens["sensitivity"]["bits"] == [4, 8]
+    assert (tmp_path / "sensitivity" / "sensitivity.png").exists()
+    sens_path = tmp_path / "sensitivity" / "results.json"
+    run("experiments.mixed", *common, "--strategy=percentile", "--bit_set=4,8", "--sensitivity_bits=4",
+        f"--sensitivity_json={sens_path}", f"--workdir={tmp_path / 'p'}")
+    with open(tmp_path / "p" / "mixed" / "results.json") as f:
+        percentile = json.load(f)
+    assert sum(percentile["layer_counts_by_bits"].values()) == 21
+    for budget in ("percentile", "0.2"):
+        run("experiments.mixed", *common, "--strategy=budget", f"--budget={budget}", "--bit_set=4,8",
+            "--sensitivity_bits=4", f"--sensitivity_json={sens_path}", f"--workdir={tmp_path / budget}")
+        with open(tmp_path / budget / "mixed" / "results.json") as f:
+            mixed = json.load(f)
+        assert mixed["energy"]["relative"] <= mixed["budget"] + 1e-9
+    bad = run("experiments.mixed", *common, "--strategy=budget", "--budget=0.01", "--bit_set=4,8",
+              "--sensitivity_bits=4", f"--workdir={tmp_path}", check=False)
+    assert bad.returncode != 0 and "below the smallest feasible relative energy" in bad.stderr
+    assert "calibrating on" not in bad.stderr

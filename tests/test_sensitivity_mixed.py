@@ -104,6 +104,13 @@ def test_percentile_rule_by_hand():
     assert [bits[f"l{i}"] for i in range(8)] == [4, 4, 6, 6, 6, 6, 8, 8]
 
 
+def test_percentile_thresholds_follow_the_bit_set():
+    assert mp.percentile_thresholds((4, 6, 8)) == mp.STUDY_PERCENTILE_BITS
+    assert mp.percentile_thresholds((8, 4)) == ((50.0, 8), (0.0, 4))
+    bits = mp.percentile_bits({f"l{i}": float(i) for i in range(4)}, thresholds=mp.percentile_thresholds((4, 8)))
+    assert sorted(bits.values()) == [4, 4, 8, 8]
+
+
 def _toy_problem():
     spec = models.get("resnet18_cifar")
     counts = energy.count_layers(spec.build(**TINY, num_classes=10), spec.example_input(1))
