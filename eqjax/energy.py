@@ -23,12 +23,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
-import numpy as np
 
 from eqjax import intercept
 
@@ -197,19 +195,6 @@ def layer_energy(count: LayerCount, w_bits: int | None, a_bits: int | None,
     return {"mac": mac, "memory": memory, "total": mac + memory}
 
 
-def _check_layers(counts: Sequence[LayerCount], bits: Bits) -> None:
-    names = [c.name for c in counts]
-    unknown = [n for n in bits if n not in set(names)]
-    missing = [n for n in names if n not in bits]
-    if unknown or missing:
-        parts = []
-        if unknown:
-            parts.append(f"layers not in the model ({len(unknown)}): {', '.join(unknown)}")
-        if missing:
-            parts.append(f"model layers without bits ({len(missing)}): {', '.join(missing)}")
-        raise ValueError("bits do not match the model: " + "; ".join(parts))
-
-
 def energy_report(counts: Sequence[LayerCount], bits: Bits | None, model: EnergyModel) -> dict[str, Any]:
     """Total, MAC and memory energy, per layer, and relative to the all-FP32 model.
 
@@ -224,7 +209,8 @@ def energy_report(counts: Sequence[LayerCount], bits: Bits | None, model: Energy
       'relative', 'fp32_total', 'macs', 'weight_elements', 'per_layer': [...]}``.
     """
     if bits is not None:
-        _check_layers(counts, bits)
+        intercept.check_layer_names(bits, [c.name for c in counts], prefix="bits do not match the model",
+                                    missing_label="model layers without bits")
     per_layer, fp32_total = [], 0.0
     for c in counts:
         b = bits[c.name] if bits is not None else {"w": None, "a": None}

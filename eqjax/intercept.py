@@ -11,14 +11,14 @@ edits it, calls are only observed through ``nn.intercept_methods``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 __all__ = ["ActivationMatmul", "LayerCall", "layer_name", "is_quantizable", "trace_layers",
-           "weighted_layer_names"]
+           "weighted_layer_names", "check_layer_names"]
 
 
 class ActivationMatmul(nn.Module):
@@ -118,6 +118,29 @@ def trace_layers(model: nn.Module, inputs: Any, *, variables: Any = None,
 
     jax.eval_shape(run, inputs)
     return records
+
+
+def check_layer_names(given: Iterable[str], model_layers: Iterable[str], *, prefix: str,
+                      missing_label: str) -> None:
+    """Raises ValueError listing names in ``given`` the model lacks and model layers ``given`` lacks.
+
+    Args:
+      given: layer names of a policy, a bits table, ...
+      model_layers: the model's layer names.
+      prefix: start of the message, e.g. ``policy does not match the model``.
+      missing_label: how model layers absent from ``given`` are described.
+    """
+    expected = list(model_layers)
+    given = list(given)
+    unknown = [n for n in given if n not in set(expected)]
+    missing = [n for n in expected if n not in set(given)]
+    if unknown or missing:
+        parts = []
+        if unknown:
+            parts.append(f"layers not in the model ({len(unknown)}): {', '.join(unknown)}")
+        if missing:
+            parts.append(f"{missing_label} ({len(missing)}): {', '.join(missing)}")
+        raise ValueError(f"{prefix}: " + "; ".join(parts))
 
 
 def weighted_layer_names(calls: Sequence[LayerCall]) -> tuple[str, ...]:

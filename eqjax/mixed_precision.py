@@ -15,7 +15,6 @@ Energy is additive over layers (``energy.layer_energy``); layers outside the all
 
 from __future__ import annotations
 
-import math
 from typing import Mapping, Sequence
 
 import numpy as np

@@ -18,6 +18,7 @@ import numpy as np
 from absl import logging
 
 from eqjax import calibration, numerics
+from eqjax import intercept
 from eqjax.intercept import LayerCall
 
 __all__ = ["LayerQuant", "Policy", "build", "validate", "with_activation_clips", "bits_table",
@@ -113,16 +114,8 @@ def build(calls: Sequence[LayerCall], *, w_bits: int, a_bits: int | None = None,
 
 def validate(policy: Mapping[str, LayerQuant], layer_names: Iterable[str]) -> None:
     """Raises ValueError listing layers the policy names but the model lacks, and vice versa."""
-    names = list(layer_names)
-    unknown = [n for n in policy if n not in set(names)]
-    missing = [n for n in names if n not in policy]
-    if unknown or missing:
-        parts = []
-        if unknown:
-            parts.append(f"layers not in the model ({len(unknown)}): {', '.join(unknown)}")
-        if missing:
-            parts.append(f"model layers missing from the policy ({len(missing)}): {', '.join(missing)}")
-        raise ValueError("policy does not match the model: " + "; ".join(parts))
+    intercept.check_layer_names(policy, layer_names, prefix="policy does not match the model",
+                                missing_label="model layers missing from the policy")
 
 
 def set_bits(policy: Policy, bits: Mapping[str, Any]) -> Policy:

@@ -114,6 +114,16 @@ def write_json_atomic(path: str, payload: Any) -> str:
     return path
 
 
+def pyplot():
+    """matplotlib.pyplot with the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def output_dir(workdir: str, name: str) -> str:
     path = os.path.join(workdir, name)
     os.makedirs(path, exist_ok=True)

@@ -38,11 +38,7 @@ def read_bits(path: str) -> dict:
 
 
 def _plot(path, rows, title):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     labels = [r["label"] for r in rows]
     mac = [r["mac"] / rows[0]["total"] for r in rows]
     memory = [r["memory"] / rows[0]["total"] for r in rows]

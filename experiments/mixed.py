@@ -50,11 +50,7 @@ def _load_sensitivity(path, model, layers):
 
 
 def _plot(path, bits, title):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     names = list(bits)
     fig, ax = plt.subplots(figsize=(max(8, 0.25 * len(names)), 3.5))
     ax.bar(range(len(names)), [bits[n]["w"] or 0 for n in names], color="tab:blue")

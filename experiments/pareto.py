@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 
 from absl import app, flags
 
@@ -51,11 +50,7 @@ def load_points(patterns) -> list[dict]:
 
 
 def _plot(path, by_model):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     fig, axes = plt.subplots(1, len(by_model), figsize=(6 * len(by_model), 4.5), squeeze=False)
     for ax, (model, (points, front)) in zip(axes[0], by_model.items()):
         ax.scatter([p["relative_energy"] for p in points], [p["top1"] for p in points], color="grey")

@@ -37,11 +37,7 @@ flags.DEFINE_string("workdir", "runs/default", "Output folder; results go to WOR
 
 
 def _plot(path, result, bits):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     names = list(bits)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 4), gridspec_kw={"width_ratios": [1, 4]})
     ax1.bar(["FP32", "quantized"], [result["fp32_top1"], result["top1"]], color=["grey", "tab:blue"])

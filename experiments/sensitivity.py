@@ -29,11 +29,7 @@ flags.DEFINE_string("workdir", "runs/default", "Output folder; results go to WOR
 
 
 def _plot(path, result, metric, bits, title):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(max(8, 0.25 * len(result.layers)), 4))
     width = 0.8 / len(result.bits)
     for j, b in enumerate(result.bits):
