@@ -146,7 +146,7 @@ def make_sweep(model: nn.Module, layers: Sequence[str], *, chunk_size: int = 8):
 
 def sweep_sensitivity(model: nn.Module, variables: Any, policy: Mapping[str, LayerQuant],
                       batches: Iterable[tuple[np.ndarray, np.ndarray]], *, layers: Sequence[str],
-                      bits: Sequence[int] = (4, 6, 8), batch_size: int, chunk_size: int = 8,
+                      bits: Sequence[int] = (4, 6, 8), batch_size: int, chunk_size: int | None = None,
                       mesh: Mesh | None = None, on_batch=None) -> SensitivityResult:
     """Sensitivity of every layer in ``layers`` at every bit width in ``bits``.
 
@@ -157,7 +157,9 @@ def sweep_sensitivity(model: nn.Module, variables: Any, policy: Mapping[str, Lay
       layers: the layers to sweep (e.g. the conv/dense layers).
       bits: bit widths, all in one call.
       batch_size: the largest batch (padded; one compilation).
-      chunk_size: configurations evaluated together by ``vmap`` (bounds memory).
+      chunk_size: configurations evaluated together by ``vmap`` (bounds memory). Default:
+        1 on CPU (vmapping conv kernels makes XLA:CPU use slow grouped convolutions:
+        4.2x slower at 8, see BUILD_NOTES), 8 on accelerators.
       mesh: devices to shard images over (default all local devices).
 
     Returns:
@@ -166,6 +168,8 @@ def sweep_sensitivity(model: nn.Module, variables: Any, policy: Mapping[str, Lay
     Short batches are padded and the padding is masked out of every metric.
     """
     mesh = mesh or data_mesh()
+    if chunk_size is None:
+        chunk_size = 1 if jax.default_backend() == "cpu" else 8
     devices = mesh.devices.size
     padded = -(-batch_size // devices) * devices
     stacked = single_layer_policies(policy, layers, bits)

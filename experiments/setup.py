@@ -30,7 +30,7 @@ flags.DEFINE_bool("quantize_matmuls", True, "Quantize the attention matmul opera
 flags.DEFINE_integer("batch_size", 64, "Batch size (split over all local devices).")
 flags.DEFINE_integer("seed", 0, "Seed of image sampling.")
 flags.DEFINE_enum("energy_preset", "paper", list(energy.PRESETS), "Energy model of the results.")
-flags.DEFINE_integer("chunk_size", 8, "Sensitivity-sweep configurations evaluated together (memory bound).")
+flags.DEFINE_integer("chunk_size", None, "Sensitivity-sweep configurations vmapped together (default 1 on CPU, 8 else).")
 
 DEFAULT_CALIB_IMAGES = 256  # the study's calibration set size
 SHARED_FLAGS = ("model", "weights", "dataset", "calib_dataset", "calib_images", "eval_images",
