@@ -23,7 +23,7 @@ from eqjax import calibration, numerics
 from eqjax.intercept import LayerCall, is_quantizable, layer_name
 from eqjax.policy import LayerQuant
 
-__all__ = ["quantize_weights", "quantized_apply", "collect_activation_stats", "init_activation_stats"]
+__all__ = ["quantize_weights", "quantize_layer_inputs", "quantized_apply", "collect_activation_stats", "init_activation_stats"]
 
 
 def _get(tree: Mapping, path: Sequence[str]) -> Any:
@@ -72,6 +72,19 @@ def quantize_weights(variables: Mapping, policy: Mapping[str, LayerQuant], *,
     return out
 
 
+def quantize_layer_inputs(lq: LayerQuant, inputs: Sequence[jax.Array]) -> list[jax.Array]:
+    """The activation inputs of one layer call, fake-quantized per tensor by ``lq``.
+
+    Input i uses clip ``lq.a_clip[i]`` and grid ``lq.a_signed[i]``; inputs beyond the
+    policy's count pass through; ``lq.a_enabled`` False returns them unchanged (as data).
+    """
+    out = list(inputs)
+    for i in range(lq.a_clip.shape[0]):
+        q = numerics.quantize_clipped(out[i], lq.a_bits, lq.a_clip[i], signed=lq.a_signed[i])
+        out[i] = jnp.where(lq.a_enabled, q, out[i])
+    return out
+
+
 def quantized_apply(model: nn.Module, variables: Mapping, policy: Mapping[str, LayerQuant],
                     *args, quantize_kernels: bool = True, weight_method: str = "absmax",
                     **kwargs) -> Any:
@@ -98,11 +111,7 @@ def quantized_apply(model: nn.Module, variables: Mapping, policy: Mapping[str, L
         lq = policy.get(layer_name(module))
         if lq is None:
             return next_fun(*call_args, **call_kwargs)
-        inputs = list(call_args)
-        for i in range(lq.a_clip.shape[0]):
-            q = numerics.quantize_clipped(inputs[i], lq.a_bits, lq.a_clip[i], signed=lq.a_signed[i])
-            inputs[i] = jnp.where(lq.a_enabled, q, inputs[i])
-        return next_fun(*inputs, **call_kwargs)
+        return next_fun(*quantize_layer_inputs(lq, call_args), **call_kwargs)
 
     with nn.intercept_methods(interceptor):
         return model.apply(variables, *args, **kwargs)

@@ -90,11 +90,7 @@ def _forward_recording(model, variables, policy, images, fp_outputs):
             return next_fun(*args, **kwargs)
         name = layer_name(module)
         lq = policy.get(name) if policy is not None else None
-        inputs = list(args)
-        if lq is not None:
-            for i in range(lq.a_clip.shape[0]):
-                q = numerics.quantize_clipped(inputs[i], lq.a_bits, lq.a_clip[i], signed=lq.a_signed[i])
-                inputs[i] = jnp.where(lq.a_enabled, q, inputs[i])
+        inputs = apply.quantize_layer_inputs(lq, args) if lq is not None else args
         out = next_fun(*inputs, **kwargs)
         if fp_outputs is None:
             diffs[name] = out  # the full-precision pass records outputs

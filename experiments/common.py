@@ -124,6 +124,15 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path: str) -> None:
+    """Lays out, writes (PNG, 120 dpi) and closes a matplotlib figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
 def output_dir(workdir: str, name: str) -> str:
     path = os.path.join(workdir, name)
     os.makedirs(path, exist_ok=True)

@@ -50,9 +50,7 @@ def _plot(path, rows, title):
     ax.set_ylabel("energy relative to FP32")
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main(argv):

@@ -63,9 +63,7 @@ def _plot(path, by_model):
         ax.set_ylabel("top-1 (%)")
         ax.set_title(model)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main(argv):

@@ -49,9 +49,7 @@ def _plot(path, result, bits):
     ax2.set_xticks(list(x), names, rotation=90, fontsize=6)
     ax2.set_ylabel("bits")
     ax2.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main(argv):

@@ -39,9 +39,7 @@ def _plot(path, result, metric, bits, title):
     ax.set_yscale("log" if metric in ("l2", "rel_l2", "kl") else "linear")
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main(argv):
