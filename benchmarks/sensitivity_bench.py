@@ -26,7 +26,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--bits", default="4,6,8")
-    parser.add_argument("--chunk_size", type=int, default=8, help="configurations vmapped together")
+    parser.add_argument("--chunk_size", type=int, default=None,
+                        help="configurations vmapped together (default: 1 on CPU, 8 else)")
     args = parser.parse_args()
     bits = tuple(int(b) for b in args.bits.split(","))
     spec = models.get("resnet18_cifar")
@@ -57,7 +58,7 @@ def main() -> None:
 
             def single(v, xb, name=name, b=b, lq=lq):  # layer and bits baked in: compiles each time
                 policy = {name: lq._replace(w_bits=jnp.int32(b), a_bits=jnp.int32(b))}
-                fp = sensitivity._forward_recording(model, v, None, xb, None)[1][name]
+                fp = sensitivity._forward_recording(model, v, None, xb, None)[1][name]  # (output, call index)
                 qv = apply.quantize_weights(v, policy)
                 _, diffs = sensitivity._forward_recording(model, qv, policy, xb, {name: fp})
                 return jnp.sum(diffs[name])
@@ -67,7 +68,7 @@ def main() -> None:
             loop_l2[i, j] = np.sqrt(sum(float(f(variables, xb)) for xb, _ in batches()))
     t_loop = time.perf_counter() - start
     diff = float(np.max(np.abs(loop_l2 - swept.scores["l2"]) / np.maximum(loop_l2, 1e-12)))
-    print(f"vmapped sweep (chunk {args.chunk_size}): {t_sweep:7.1f} s, 1 compilation")
+    print(f"vmapped sweep (chunk {args.chunk_size or 'default'}): {t_sweep:7.1f} s, 1 compilation")
     print(f"per-config loop: {t_loop:7.1f} s, {compilations} compilations")
     print(f"speed-up {t_loop / t_sweep:.2f}x, max relative L2 difference {diff:.1e}")
 

@@ -42,18 +42,21 @@ def _replace(tree: Mapping, path: Sequence[str], value: Any) -> dict:
 
 
 def quantize_weights(variables: Mapping, policy: Mapping[str, LayerQuant], *,
-                     method: str = "absmax") -> dict:
+                     method: str = "absmax", scales: Mapping[str, jax.Array] | None = None) -> dict:
     """Variables with each weighted policy layer's kernel fake-quantized per output channel.
 
     Args:
       variables: ``{'params': ..., ...}`` whose module paths are the policy's names.
       policy: ``{name: LayerQuant}``; layers with ``w_enabled`` False are left as they are.
       method: weight scale estimator, ``absmax`` (eq. 4), ``percentile`` or ``mse``.
+      scales: per-output-channel scales [out] for some layers (e.g. optimized by
+        :mod:`eqjax.ranking`); they replace the estimator and receive gradients (LSQ).
 
     Returns:
       Variables of the same structure (jit-compatible; bits may be traced).
     """
     calibration._check_method(method)
+    scales = scales or {}
     out = dict(variables)
     for name, lq in policy.items():
         path = ("params", *name.split("."), "kernel")
@@ -61,8 +64,11 @@ def quantize_weights(variables: Mapping, policy: Mapping[str, LayerQuant], *,
             kernel = _get(variables, path)
         except (KeyError, TypeError):
             continue  # attention matmuls have no kernel (their w_enabled is False)
-        scale = jax.lax.stop_gradient(
-            calibration.estimate_scale(kernel, lq.w_bits, method=method, axis=-1))
+        if name in scales:
+            scale = jnp.asarray(scales[name], jnp.float32)
+        else:
+            scale = jax.lax.stop_gradient(
+                calibration.estimate_scale(kernel, lq.w_bits, method=method, axis=-1))
         q_min, q_max = numerics.quant_range(lq.w_bits, dtype=jnp.float32)
         shape = (1,) * (kernel.ndim - 1) + (-1,)
         quantized = numerics.fake_quant(kernel.astype(jnp.float32), scale.reshape(shape),

@@ -1,15 +1,14 @@
 """The experiment scripts end to end (subprocesses, as a user runs them)."""
 
-import io
 import json
 import os
 import subprocess
 import sys
-import tarfile
 
 import numpy as np
 import pytest
-from PIL import Image
+
+from tests.image_tar import write_image_tar
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONUNBUFFERED="1")
@@ -25,18 +24,10 @@ def run(*args, check=True):
 @pytest.fixture(scope="module")
 def toy_tar(tmp_path_factory):
     """A 4-class, 32x32 tar dataset of random textures, members <split>/<class>/<file>."""
-    path = tmp_path_factory.mktemp("data") / "toy.tar"
     rng = np.random.default_rng(0)
-    with tarfile.open(path, "w") as tar:
-        for c in range(4):
-            for i in range(6):
-                buf = io.BytesIO()
-                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, "PNG")
-                info = tarfile.TarInfo(f"train/class{c}/{i}.png")
-                info.size = buf.tell()
-                buf.seek(0)
-                tar.addfile(info, buf)
-    return str(path)
+    return write_image_tar(tmp_path_factory.mktemp("data") / "toy.tar",
+                           {f"class{c}": [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(6)]
+                            for c in range(4)})
 
 
 def test_ptq_end_to_end_writes_results(toy_tar, tmp_path):
@@ -53,6 +44,23 @@ def test_ptq_end_to_end_writes_results(toy_tar, tmp_path):
     assert results["bits"]["conv1"] == {"w": 8, "a": 8} and len(results["bits"]) == 21
     assert (tmp_path / "ptq" / "ptq.png").stat().st_size > 1000
     assert not [p for p in os.listdir(tmp_path / "ptq") if p.startswith(".tmp")]
+
+
+def test_ranking_end_to_end_on_a_vit(toy_tar, tmp_path):
+    out = run("experiments.ranking", "--model=vit_tiny_cifar", "--weights=random", f"--dataset=tar:{toy_tar}",
+              f"--calib_dataset=tar:{toy_tar}", "--eval_images=8", "--calib_images=16", "--bits=4",
+              "--steps=2", "--rank_batch_size=8", "--agreement_images=4", "--batch_size=8",
+              f"--workdir={tmp_path}")
+    with open(tmp_path / "ranking" / "results.json") as f:
+        results = json.load(f)
+    assert [(r["bits"], r["method"]) for r in results["rows"]] == [(4, "standard"), (4, "ranking")]
+    assert len(results["blocks"]["4"]) == 12 and 0 < results["rows"][1]["kept_order"] <= 1
+    assert "W4A4   ranking" in out.stdout
+    bad = run("experiments.ranking", "--model=resnet18_cifar", "--weights=random", f"--dataset=tar:{toy_tar}",
+              f"--calib_dataset=tar:{toy_tar}", "--eval_images=8", f"--workdir={tmp_path}", check=False)
+    assert bad.returncode != 0 and "has no attention layers" in bad.stderr
+    bad = run("experiments.ranking", "--model=vit_tiny_cifar", "--gamma=-1", f"--workdir={tmp_path}", check=False)
+    assert bad.returncode != 0 and "gamma must be >= 0, got -1.0" in bad.stderr
 
 
 @pytest.mark.parametrize("flag, message", [

@@ -65,11 +65,12 @@ def _loop_reference(model, variables, policy, layers, bits, x, y):
     return out
 
 
-def test_sweep_matches_plain_loop(setup):
+@pytest.mark.parametrize("chunk_size", [1, 4])  # 1: sequential, skips the FP prefix by lax.cond
+def test_sweep_matches_plain_loop(setup, chunk_size):
     _, model, variables, calls, x, y, policy = setup
     layers = [c.name for c in calls]
     result = sensitivity.sweep_sensitivity(model, variables, policy, [(x[:8], y[:8]), (x[8:], y[8:])],
-                                           layers=layers, bits=(3, 6), batch_size=8, chunk_size=4)
+                                           layers=layers, bits=(3, 6), batch_size=8, chunk_size=chunk_size)
     reference = _loop_reference(model, variables, policy, layers, (3, 6), jnp.asarray(x), y)
     assert result.num_images == 12
     for metric, expected in reference.items():

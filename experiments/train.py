@@ -1,0 +1,420 @@
+"""Train a registry model from scratch on CIFAR-sized images: the starting point for PTQ.
+
+Recipes (``RECIPES``; any flag overrides its field):
+  resnet18_cifar: SGD, Nesterov momentum 0.9, lr 0.1 at batch 128, weight decay 5e-4 on kernels,
+                  cosine schedule with 2% warm-up, label smoothing 0.1, 200 epochs.
+  vit_tiny_cifar: AdamW, lr 1e-3 at batch 256, weight decay 0.05, cosine with 5% warm-up,
+                  gradient-norm clip 1.0, label smoothing 0.1, 200 epochs.
+Both use random crop (4-pixel zero padding) and horizontal flip; the normalisation mean/std
+are computed from the training images and stored with the weights.
+
+    python -m experiments.train --model=resnet18_cifar \
+        --dataset=tfds:cifar100:train --eval_dataset=tfds:cifar100:test --workdir=runs/r18_c100
+
+A short CPU run on the shared CIFAR-10 archive (see README for the measured figures):
+
+    python -m experiments.train --model=resnet18_cifar --epochs=1 --train_images=2048 \
+        --eval_images=1000 --dataset=tar:../shared/data/cifar10/train.tar \
+        --eval_dataset=tar:../shared/data/cifar10/test.tar --workdir=runs/train_smoke
+
+Writes WORKDIR/train/checkpoints/<step>/ (orbax: parameters, BatchNorm statistics, optimizer
+state and step, plus the run's config and curve), WORKDIR/train/results.json (config,
+environment, per-epoch curve, final accuracy; rewritten after every epoch),
+WORKDIR/train/curve.png and WORKDIR/train/final/, a checkpoint that
+``python -m experiments.ptq --weights=WORKDIR/train/final`` loads. ``--resume`` continues a
+killed run from its latest checkpoint and ends with exactly the parameters of an uninterrupted
+run; without it, a workdir that already holds checkpoints is refused, never overwritten.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import app, flags, logging
+from jax.sharding import NamedSharding, PartitionSpec
+
+from eqjax import checkpoint, data, metrics, models, training
+from experiments import common
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    optimizer: str
+    learning_rate: float  # at reference_batch_size; scaled linearly with the batch size
+    reference_batch_size: int
+    weight_decay: float
+    batch_size: int
+    epochs: int
+    schedule: str
+    warmup_fraction: float
+    label_smoothing: float
+    clip_grad_norm: float
+
+
+RECIPES = {
+    "resnet18_cifar": Recipe("sgd", 0.1, 128, 5e-4, 128, 200, "cosine", 0.02, 0.1, 0.0),
+    "vit_tiny_cifar": Recipe("adamw", 1e-3, 256, 0.05, 256, 200, "cosine", 0.05, 0.1, 1.0),
+}
+
+# Run settings that are not part of a recipe, with their defaults.
+DEFAULTS = {"dataset": "tfds:cifar100:train", "eval_dataset": "tfds:cifar100:test", "train_images": None,
+            "eval_images": None, "num_classes": None, "augment": True, "compute_dtype": "auto", "seed": 0,
+            "checkpoint_every": 1000, "log_every": 50, "resume": False, "workdir": "runs/default"}
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("model", "resnet18_cifar", list(RECIPES), "Registry name of the model to train.")
+flags.DEFINE_string("dataset", DEFAULTS["dataset"], "Training dataset spec (eqjax.data).")
+flags.DEFINE_string("eval_dataset", DEFAULTS["eval_dataset"], "Evaluation dataset spec.")
+flags.DEFINE_integer("train_images", None, "Train on this many images (default all).")
+flags.DEFINE_integer("eval_images", None, "Evaluate on this many images (default all).")
+flags.DEFINE_integer("num_classes", None, "Classes (default: largest training label + 1).")
+flags.DEFINE_integer("epochs", None, "Epochs (default: the recipe's).")
+flags.DEFINE_integer("batch_size", None, "Global batch size, split over all local devices (default: recipe's).")
+flags.DEFINE_enum("optimizer", None, list(training.OPTIMIZERS), "Optimizer (default: the recipe's).")
+flags.DEFINE_float("learning_rate", None, "Peak learning rate (default: recipe's, scaled by batch size).")
+flags.DEFINE_float("weight_decay", None, "Weight decay on kernels (default: recipe's).")
+flags.DEFINE_enum("schedule", None, list(training.SCHEDULES), "Learning-rate schedule (default: recipe's).")
+flags.DEFINE_float("warmup_fraction", None, "Share of the steps spent warming up (cosine).")
+flags.DEFINE_float("label_smoothing", None, "Label smoothing (default: recipe's).")
+flags.DEFINE_float("clip_grad_norm", None, "Global gradient-norm clip; 0 = off (default: recipe's).")
+flags.DEFINE_bool("augment", DEFAULTS["augment"], "Random crop + horizontal flip.")
+flags.DEFINE_enum("compute_dtype", DEFAULTS["compute_dtype"], ["auto", "float32", "bfloat16"],
+                  "Activation dtype; auto = bfloat16 on GPU/TPU, float32 on CPU. Parameters stay float32.")
+flags.DEFINE_integer("seed", DEFAULTS["seed"], "Seed of initialisation, data order and augmentation.")
+flags.DEFINE_integer("checkpoint_every", DEFAULTS["checkpoint_every"],
+                     "Also checkpoint every N steps (always at epoch ends).")
+flags.DEFINE_integer("log_every", DEFAULTS["log_every"], "Progress line every N steps.")
+flags.DEFINE_bool("resume", DEFAULTS["resume"], "Continue from the latest checkpoint in WORKDIR/train.")
+flags.DEFINE_string("workdir", DEFAULTS["workdir"], "Output folder; results go to WORKDIR/train/.")
+
+# Fields that may differ between a run and its resumption (they do not change the parameters).
+RESUMABLE_CHANGES = ("workdir", "resume", "log_every", "checkpoint_every", "eval_images", "eval_dataset")
+CHECKPOINTS_KEPT = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """A fully resolved training run (flags over the model's recipe)."""
+
+    model: str
+    dataset: str
+    eval_dataset: str
+    train_images: int | None
+    eval_images: int | None
+    num_classes: int | None
+    epochs: int
+    batch_size: int
+    optimizer: str
+    learning_rate: float
+    weight_decay: float
+    schedule: str
+    warmup_fraction: float
+    label_smoothing: float
+    clip_grad_norm: float
+    augment: bool
+    compute_dtype: str
+    seed: int
+    checkpoint_every: int
+    log_every: int
+    resume: bool
+    workdir: str
+
+    @classmethod
+    def from_recipe(cls, model: str, **overrides) -> "TrainConfig":
+        """The recipe of ``model`` with ``overrides`` (None values keep the recipe's)."""
+        if model not in RECIPES:
+            raise ValueError(f"no training recipe for model {model!r}; known: {', '.join(RECIPES)}")
+        recipe = dataclasses.asdict(RECIPES[model])
+        reference = recipe.pop("reference_batch_size")
+        fields = {**DEFAULTS, **recipe}
+        fields.update({k: v for k, v in overrides.items() if v is not None})
+        if overrides.get("learning_rate") is None:
+            fields["learning_rate"] = recipe["learning_rate"] * fields["batch_size"] / reference
+        return cls(model=model, **fields)
+
+    def validate(self) -> None:
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size,
+                    "checkpoint_every": self.checkpoint_every, "log_every": self.log_every}
+        for name in ("train_images", "eval_images", "num_classes"):
+            if getattr(self, name) is not None:
+                positive[name] = getattr(self, name)
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"--{name} must be >= 1, got {value}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError(f"--warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        devices = jax.local_device_count()
+        if self.batch_size % devices:
+            raise ValueError(f"--batch_size={self.batch_size} must be a multiple of the {devices} local devices")
+
+
+def config_from_flags() -> TrainConfig:
+    names = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "model"]
+    return TrainConfig.from_recipe(FLAGS.model, **{n: FLAGS[n].value for n in names})
+
+
+def _fingerprint(config: TrainConfig) -> dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUMABLE_CHANGES}
+
+
+def _compute_dtype(name: str):
+    if name == "auto":
+        name = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return jnp.dtype(name)
+
+
+def _load_split(text: str, flag: str, num: int | None, num_flag: str, seed: int, pre: models.Preprocessing):
+    source = data.open_dataset(text, flag=flag)
+    indices = data.sample_indices(len(source), num, seed=seed, flag=num_flag)
+    labels = source.labels[indices].astype(np.int32)
+    if labels.min() < 0:
+        raise ValueError(f"--{flag}={text} has unlabelled images; training and evaluation need labels")
+    common.log(f"decoding {len(indices)} images of {source.spec}")
+    start = time.perf_counter()
+    images = data.load_uint8(source, indices, pre)
+    common.log(f"decoded {len(images)} images in {time.perf_counter() - start:.1f} s")
+    return images, labels
+
+
+def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images [N, H, W, 3], in [0, 1] units."""
+    pixels = images.reshape(-1, images.shape[-1])
+    total, squares = np.zeros(pixels.shape[-1]), np.zeros(pixels.shape[-1])
+    for start in range(0, len(pixels), 1 << 20):  # float64 in chunks, not a 1.2 GB copy of CIFAR
+        chunk = pixels[start:start + (1 << 20)].astype(np.float64) / 255.0
+        total, squares = total + chunk.sum(0), squares + np.square(chunk).sum(0)
+    mean = total / len(pixels)
+    std = np.sqrt(np.maximum(squares / len(pixels) - np.square(mean), 0.0))
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def epoch_order(seed: int, epoch: int, num_images: int) -> np.ndarray:
+    """The image order of one epoch: a permutation determined by (seed, epoch) alone."""
+    return np.random.default_rng([seed, epoch]).permutation(num_images)
+
+
+def _format_seconds(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class _Checkpoints:
+    """Orbax checkpoints of the train state plus the run's config and curve (JSON)."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.manager = ocp.CheckpointManager(
+            directory, options=ocp.CheckpointManagerOptions(max_to_keep=CHECKPOINTS_KEPT),
+            item_names=("state", "meta"))
+
+    def latest(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, state: training.TrainState, meta: dict[str, Any]) -> None:
+        step = int(state.step)
+        if step in self.manager.all_steps():
+            return
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        meta=ocp.args.JsonSave(meta)))
+
+    def restore(self, template: training.TrainState) -> tuple[training.TrainState, dict[str, Any]]:
+        step = self.latest()
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(jax.tree_util.tree_map(np.asarray, template)),
+                meta=ocp.args.JsonRestore()))
+        except Exception as e:  # orbax raises many types for missing/corrupt/mismatched files
+            raise RuntimeError(f"cannot restore checkpoint step {step} in {self.directory} (left "
+                               f"untouched): {type(e).__name__}: {e}") from e
+        return restored["state"], restored["meta"]
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _check_resumable(saved: dict[str, Any], config: TrainConfig, directory: str) -> None:
+    current = _fingerprint(config)
+    different = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+    if different:
+        listing = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(different.items()))
+        raise ValueError(f"--resume: the checkpoint in {directory} was written by a different run "
+                         f"({listing}); use the same flags or another --workdir")
+
+
+def _plot_curve(path: str, curve: list[dict[str, Any]], model: str) -> None:
+    plt = common.pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    epochs = [c["epoch"] for c in curve]
+    ax1.plot(epochs, [c["train_loss"] for c in curve], marker="o")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("train loss")
+    ax2.plot(epochs, [c["train_accuracy"] for c in curve], marker="o", label="train (augmented)")
+    ax2.plot(epochs, [c["eval_top1"] for c in curve], marker="o", label="eval top-1")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("accuracy (%)")
+    ax2.legend()
+    fig.suptitle(model)
+    common.save_figure(fig, path)
+
+
+def run(config: TrainConfig, *, model_overrides: dict[str, Any] | None = None,
+        on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Trains ``config.model``; returns the results written to WORKDIR/train/results.json.
+
+    Args:
+      config: the run.
+      model_overrides: constructor fields of the model (e.g. a smaller ``depth`` in tests).
+      on_step: called with the step number after each step (e.g. to stop a run early).
+    """
+    config.validate()
+    started = time.perf_counter()
+    spec = models.get(config.model)
+    out = common.output_dir(config.workdir, "train")
+    checkpoints = _Checkpoints(os.path.join(os.path.abspath(out), "checkpoints"))
+    try:
+        if checkpoints.latest() is not None and not config.resume:
+            raise FileExistsError(f"{checkpoints.directory} holds checkpoints up to step "
+                                  f"{checkpoints.latest()}; pass --resume to continue that run or "
+                                  "choose another --workdir (nothing was overwritten)")
+        return _train(config, spec, out, checkpoints, model_overrides or {}, on_step, started)
+    finally:
+        checkpoints.close()
+
+
+def _train(config, spec, out, checkpoints, model_overrides, on_step, started):
+    geometry = models.Preprocessing(spec.input_size, (0.0,) * 3, (1.0,) * 3)
+    train_images, train_labels = _load_split(config.dataset, "dataset", config.train_images, "train_images",
+                                             config.seed, geometry)
+    num_classes = config.num_classes or int(train_labels.max()) + 1
+    eval_images, eval_labels = _load_split(config.eval_dataset, "eval_dataset", config.eval_images, "eval_images",
+                                           config.seed, geometry)
+    for flag, labels in (("dataset", train_labels), ("eval_dataset", eval_labels)):
+        if labels.max() >= num_classes:
+            raise ValueError(f"--{flag} has labels up to {labels.max()}, but --num_classes={num_classes}")
+    mean, std = _channel_stats(train_images)
+    preprocessing = models.Preprocessing(spec.input_size, mean, std, 1.0, "bilinear")
+
+    steps_per_epoch = len(train_images) // config.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"--batch_size={config.batch_size} exceeds the {len(train_images)} training images")
+    total_steps = config.epochs * steps_per_epoch
+    schedule = training.learning_rate_schedule(
+        config.schedule, peak=config.learning_rate, total_steps=total_steps,
+        warmup_steps=int(config.warmup_fraction * total_steps))
+    optimizer = training.make_optimizer(config.optimizer, schedule, weight_decay=config.weight_decay,
+                                        clip_grad_norm=config.clip_grad_norm)
+    dtype = _compute_dtype(config.compute_dtype)
+    model = spec.build(num_classes=num_classes, dtype=dtype, **model_overrides)
+    eval_model = spec.build(num_classes=num_classes, **model_overrides)
+    variables = jax.jit(model.init)(jax.random.key(config.seed),
+                                    jnp.zeros(spec.example_input(1).shape, jnp.float32))
+    state = training.init_state(variables, optimizer)
+    curve: list[dict[str, Any]] = []
+    if checkpoints.latest() is not None:
+        state, meta = checkpoints.restore(state)
+        _check_resumable(meta["config"], config, checkpoints.directory)
+        curve = meta["curve"]
+        common.log(f"resumed from step {int(state.step)} of {checkpoints.directory}")
+    elif config.resume:
+        common.log(f"--resume: no checkpoint in {checkpoints.directory} yet, starting from scratch")
+
+    mesh = metrics.data_mesh()
+    state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    train_step = training.make_train_step(model, optimizer, seed=config.seed, mean=mean, std=std,
+                                          label_smoothing=config.label_smoothing,
+                                          augmentation=config.augment)
+    result = {"experiment": "train", "model": spec.name, "num_classes": num_classes,
+              "config": dataclasses.asdict(config), "compute_dtype": dtype.name,
+              "preprocessing": preprocessing.to_dict(), "environment": common.environment(),
+              "num_train_images": len(train_images), "num_eval_images": len(eval_images),
+              "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}
+    meta = lambda: {"config": _fingerprint(config), "curve": curve}
+
+    def evaluate(state):
+        batches = ((data.normalize(eval_images[i:i + config.batch_size], preprocessing),
+                    eval_labels[i:i + config.batch_size])
+                   for i in range(0, len(eval_images), config.batch_size))
+        return metrics.evaluate(lambda v, x: eval_model.apply(v, x), state.variables, batches,
+                                batch_size=config.batch_size, num_classes=num_classes,
+                                num_images=len(eval_images), label="eval", mesh=mesh)
+
+    step = int(state.step)
+    common.log(f"training {spec.name} ({num_classes} classes, {dtype.name}) on {len(train_images)} images: "
+               f"{config.epochs} epochs x {steps_per_epoch} steps, batch {config.batch_size}, "
+               f"{config.optimizer} lr {config.learning_rate:g}, {jax.local_device_count()} devices")
+    window_start, window_images, run_start, run_first_step = time.perf_counter(), 0, time.perf_counter(), step
+    epoch_sums = []
+    while step < total_steps:
+        epoch, position = divmod(step, steps_per_epoch)
+        order = epoch_order(config.seed, epoch, len(train_images))
+        idx = order[position * config.batch_size:(position + 1) * config.batch_size]
+        images, labels = jax.device_put((train_images[idx], train_labels[idx]), batch_sharding)
+        state, step_metrics = train_step(state, images, labels)
+        step += 1
+        epoch_sums.append(step_metrics)
+        window_images += config.batch_size
+        if on_step is not None:
+            on_step(step)
+        if step % config.log_every == 0 or step == total_steps:
+            loss = float(step_metrics["loss"])
+            if not np.isfinite(loss):
+                raise FloatingPointError(f"non-finite training loss {loss} at step {step}; lower "
+                                         "--learning_rate (the last checkpoint is kept)")
+            now = time.perf_counter()
+            rate = window_images / (now - window_start)
+            eta = (now - run_start) / (step - run_first_step) * (total_steps - step)
+            common.log(f"step {step}/{total_steps} epoch {epoch + 1}/{config.epochs} loss {loss:.4f} "
+                       f"acc {100 * float(step_metrics['accuracy']):.1f}% lr {float(schedule(step)):.4g} "
+                       f"{rate:.0f} img/s ETA {_format_seconds(eta)}")
+            window_start, window_images = now, 0
+        if step % steps_per_epoch == 0:
+            evaluation = evaluate(state)
+            curve.append({"epoch": step // steps_per_epoch, "step": step,
+                          "train_loss": float(np.mean([float(m["loss"]) for m in epoch_sums])),
+                          "train_accuracy": 100 * float(np.mean([float(m["accuracy"]) for m in epoch_sums])),
+                          "eval_top1": evaluation["top1"], "eval_top5": evaluation["top5"],
+                          "wall_s": time.perf_counter() - started})
+            epoch_sums = []
+            common.log(f"epoch {curve[-1]['epoch']}: train loss {curve[-1]['train_loss']:.4f}, "
+                       f"eval top-1 {evaluation['top1']:.2f}% top-5 {evaluation['top5']:.2f}%")
+            checkpoints.save(state, meta())
+            common.write_json_atomic(f"{out}/results.json", {**result, "curve": curve, "finished": False})
+        elif step % config.checkpoint_every == 0:
+            checkpoints.save(state, meta())
+
+    final = checkpoint.save(os.path.join(out, "final"), jax.device_get(state.variables), model=spec.name,
+                            num_classes=num_classes, preprocessing=preprocessing,
+                            source=f"experiments.train:{os.path.abspath(out)}", overwrite=True)
+    result.update({"curve": curve, "finished": True, "final_checkpoint": final,
+                   "top1": curve[-1]["eval_top1"] if curve else None,
+                   "top5": curve[-1]["eval_top5"] if curve else None,
+                   "wall_time_s": time.perf_counter() - started})
+    if curve:
+        _plot_curve(f"{out}/curve.png", curve, spec.name)
+    common.write_json_atomic(f"{out}/results.json", result)
+    return result
+
+
+def main(argv):
+    del argv
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+    result = run(config_from_flags())
+    print(f"{result['model']}: eval top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}% on "
+          f"{result['num_eval_images']} images after {result['config']['epochs']} epochs -> "
+          f"{result['final_checkpoint']}")
+
+
+if __name__ == "__main__":
+    app.run(main)
