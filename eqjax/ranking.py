@@ -22,6 +22,7 @@ a grid of interval multipliers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -34,7 +35,7 @@ import numpy as np
 import optax
 
 from eqjax import apply, calibration
-from eqjax.intercept import is_quantizable, layer_name
+from eqjax.intercept import layer_name
 from eqjax.policy import LayerQuant
 
 SIMILARITIES = ("pearson", "cosine")
@@ -49,17 +50,17 @@ def _flat(x: jax.Array) -> jax.Array:
     return x.reshape(x.shape[0], -1).astype(jnp.float32)
 
 
-def pearson_correlation(a: jax.Array, b: jax.Array, *, eps: float = 1e-12) -> jax.Array:
-    """Pearson correlation of ``a`` and ``b`` [batch, ...] per example, over all other axes -> [batch]."""
-    a, b = _flat(a), _flat(b)
-    a, b = a - jnp.mean(a, -1, keepdims=True), b - jnp.mean(b, -1, keepdims=True)
-    return jnp.sum(a * b, -1) / jnp.sqrt(jnp.sum(a * a, -1) * jnp.sum(b * b, -1) + eps)
-
-
 def cosine_similarity(a: jax.Array, b: jax.Array, *, eps: float = 1e-12) -> jax.Array:
     """Cosine similarity of ``a`` and ``b`` [batch, ...] per example -> [batch]."""
     a, b = _flat(a), _flat(b)
     return jnp.sum(a * b, -1) / jnp.sqrt(jnp.sum(a * a, -1) * jnp.sum(b * b, -1) + eps)
+
+
+def pearson_correlation(a: jax.Array, b: jax.Array, *, eps: float = 1e-12) -> jax.Array:
+    """Pearson correlation of ``a`` and ``b`` [batch, ...] per example, over all other axes -> [batch]:
+    the cosine similarity of the centred values."""
+    a, b = _flat(a), _flat(b)
+    return cosine_similarity(a - jnp.mean(a, -1, keepdims=True), b - jnp.mean(b, -1, keepdims=True), eps=eps)
 
 
 def similarity(a: jax.Array, b: jax.Array, *, kind: str = "pearson") -> jax.Array:
@@ -160,6 +161,21 @@ def apply_scales(policy: Mapping[str, LayerQuant],
     return new_policy, {name: jnp.exp(v) for name, v in log_scales["w"].items()}
 
 
+@contextlib.contextmanager
+def _recording_scores(scores_suffix: str):
+    """Collects, into the yielded list, the outputs of the layers named ``*scores_suffix``."""
+    scores = []
+
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.method_name == "__call__" and layer_name(context.module).endswith(scores_suffix):
+            scores.append(out)
+        return out
+
+    with nn.intercept_methods(interceptor):
+        yield scores
+
+
 def block_forward(module: nn.Module, params: Mapping, x: jax.Array, *,
                   policy: Mapping[str, LayerQuant] | None = None,
                   log_scales: Mapping[str, Mapping[str, jax.Array]] | None = None,
@@ -167,30 +183,31 @@ def block_forward(module: nn.Module, params: Mapping, x: jax.Array, *,
     """One block (unbound ``module``) on tokens ``x`` [batch, tokens, dim], full precision or
     quantized by ``policy`` with ``log_scales``; returns (output, [attention scores per score layer])."""
     variables = {"params": params}
-    if policy is not None:
-        policy, weight_scales = apply_scales(policy, log_scales)
-        variables = apply.quantize_weights(variables, policy, scales=weight_scales)
-    scores = []
-
-    def interceptor(next_fun, args, kwargs, context):
-        if context.method_name != "__call__" or not is_quantizable(context.module):
-            return next_fun(*args, **kwargs)
-        name = layer_name(context.module)
-        if policy is not None and name in policy:
-            args = apply.quantize_layer_inputs(policy[name], args)
-        out = next_fun(*args, **kwargs)
-        if name.endswith(scores_suffix):
-            scores.append(out)
-        return out
-
-    with nn.intercept_methods(interceptor):
-        out = module.apply(variables, x)
+    with _recording_scores(scores_suffix) as scores:
+        if policy is None:
+            out = module.apply(variables, x)
+        else:
+            policy, weight_scales = apply_scales(policy, log_scales)
+            variables = apply.quantize_weights(variables, policy, scales=weight_scales)
+            out = apply.quantized_apply(module, variables, policy, x, quantize_kernels=False)
     return out, scores
 
 
 def _rows(scores: Sequence[jax.Array], rows: jax.Array | None) -> list[jax.Array]:
     """The query rows ``rows`` of scores [batch, heads, queries, keys] (all when None)."""
     return list(scores) if rows is None else [s[..., rows, :] for s in scores]
+
+
+def _even_rows(tokens: int, num_rows: int | None) -> jax.Array | None:
+    """``num_rows`` evenly spaced query rows of ``tokens`` (None = all), for fixed measurements."""
+    if num_rows is None or num_rows >= tokens:
+        return None
+    return jnp.asarray(np.linspace(0, tokens - 1, num_rows).round().astype(np.int32))
+
+
+def _in_batches(fn: Callable[[np.ndarray], jax.Array], x: np.ndarray, batch_size: int) -> np.ndarray:
+    """``fn`` over ``x`` in batches of ``batch_size`` along axis 0, concatenated on the host."""
+    return np.concatenate([np.asarray(fn(x[i:i + batch_size])) for i in range(0, len(x), batch_size)])
 
 
 @functools.lru_cache(maxsize=8)
@@ -275,8 +292,7 @@ def first_block_inputs(model: nn.Module, variables: Mapping, images: np.ndarray,
                 apply.quantized_apply(model, variables, policy, x)
         return captured[0]
 
-    return np.concatenate([np.asarray(run(variables, policy, images[i:i + batch_size]))
-                           for i in range(0, len(images), batch_size)])
+    return _in_batches(lambda x: run(variables, policy, x), images, batch_size)
 
 
 @dataclasses.dataclass
@@ -356,8 +372,7 @@ def ranking_ptq(model: nn.Module, variables: Mapping, policy: Mapping[str, Layer
 
     rng = np.random.default_rng(seed)
     policy, weight_scales, reports, stopped_at = dict(policy), {}, [], None
-    n = len(images)
-    fixed = np.arange(min(batch_size, n))
+    fixed = np.arange(min(batch_size, len(images)))
     for block in blocks:
         started = time.perf_counter()
         params = _block_params(variables, block.path)
@@ -367,8 +382,7 @@ def ranking_ptq(model: nn.Module, variables: Mapping, policy: Mapping[str, Layer
         tokens = x_q.shape[1]
         pick_rows = lambda: (None if num_rows is None or num_rows >= tokens
                              else jnp.asarray(np.sort(rng.choice(tokens, num_rows, replace=False))))
-        eval_rows = None if num_rows is None or num_rows >= tokens else jnp.asarray(
-            np.linspace(0, tokens - 1, num_rows).round().astype(np.int32))
+        eval_rows = _even_rows(tokens, num_rows)
         evaluate = lambda ls: loss_fn(ls, params, local, x_q[fixed], x_fp[fixed], eval_rows, gamma, margin)
         before, before_parts = evaluate(init)
         log_scales, failure = init, None
@@ -386,10 +400,8 @@ def ranking_ptq(model: nn.Module, variables: Mapping, policy: Mapping[str, Layer
         local_policy, local_scales = apply_scales(local, log_scales)
         policy.update({f"{block.path}.{k}": v for k, v in local_policy.items()})
         weight_scales.update({f"{block.path}.{k}": v for k, v in local_scales.items()})
-        x_q = np.concatenate([np.asarray(forward(params, local, log_scales, x_q[i:i + batch_size]))
-                              for i in range(0, n, batch_size)])
-        x_fp = np.concatenate([np.asarray(fp_forward(params, x_fp[i:i + batch_size]))
-                               for i in range(0, n, batch_size)])
+        x_q = _in_batches(lambda x: forward(params, local, log_scales, x), x_q, batch_size)
+        x_fp = _in_batches(lambda x: fp_forward(params, x), x_fp, batch_size)
         report = {"block": block.path, "method": method, "optimized": stopped_at is None,
                   "objective_before": float(before), "objective_after": float(after),
                   "similarity_before": float(before_parts["similarity"]),
@@ -418,7 +430,7 @@ def _optimize_adam(adam_step, init, params, policy, x_q, x_fp, rng, pick_rows, *
 def _search_grid(evaluate, init, *, grid, rounds):
     """Alternating search: per layer, the weight-scale multiplier, then the activation-clip one."""
     log_grid = [float(np.log(g)) for g in grid]
-    current = jax.tree_util.tree_map(lambda a: a, init)
+    current = init  # replaced, never mutated
     for round_index in range(1, rounds + 1):
         for name in sorted(set(init["w"]) | set(init["a"])):
             for kind in ("w", "a"):
@@ -446,27 +458,13 @@ def attention_agreement(model: nn.Module, variables: Mapping, qvariables: Mappin
     ``logit_similarity`` (Pearson correlation of the logits, mean over images).
     ``qvariables``: the quantized weights (``apply.quantize_weights``).
     """
-    def record(run):
-        scores = []
-
-        def interceptor(next_fun, args, kwargs, context):
-            out = next_fun(*args, **kwargs)
-            if context.method_name == "__call__" and layer_name(context.module).endswith(scores_suffix):
-                scores.append(out)
-            return out
-
-        with nn.intercept_methods(interceptor):
-            logits = run()
-        return logits, scores
-
-    fp_logits, fp_scores = record(lambda: model.apply(variables, images))
-    q_logits, q_scores = record(lambda: apply.quantized_apply(model, qvariables, policy, images,
-                                                              quantize_kernels=False))
+    with _recording_scores(scores_suffix) as fp_scores:
+        fp_logits = model.apply(variables, images)
+    with _recording_scores(scores_suffix) as q_scores:
+        q_logits = apply.quantized_apply(model, qvariables, policy, images, quantize_kernels=False)
     if not fp_scores:
         raise ValueError(f"no '*{scores_suffix}' layers in {type(model).__name__}")
-    tokens = fp_scores[0].shape[-2]
-    rows = (None if num_rows is None or num_rows >= tokens
-            else jnp.asarray(np.linspace(0, tokens - 1, num_rows).round().astype(np.int32)))
+    rows = _even_rows(fp_scores[0].shape[-2], num_rows)
     kept = jnp.mean(jnp.stack([kept_order_fraction(a, b) for a, b in
                                zip(_rows(fp_scores, rows), _rows(q_scores, rows))]))
     return {"kept_order": kept, "logit_similarity": jnp.mean(pearson_correlation(fp_logits, q_logits))}

@@ -27,7 +27,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from eqjax import apply, policy as policy_lib, ranking
+from eqjax import policy as policy_lib, ranking
 from eqjax.models import vit
 from experiments import common, setup as setup_lib
 
@@ -96,9 +96,10 @@ def main(argv):
     for bits in bits_list:
         policy = setup_lib.calibrated(setup, stats, policy_lib.build(
             setup.calls, w_bits=bits, a_bits=bits, keep_first_last_bits=8, quantize_matmuls=FLAGS.quantize_matmuls))
-        standard = setup_lib.evaluate_policy(setup, policy, f"W{bits}A{bits} standard")
+        qvars = setup_lib.quantized_variables(setup, policy)
+        standard = setup_lib.evaluate_policy(setup, policy, f"W{bits}A{bits} standard", qvars)
         rows.append({"bits": bits, "method": "standard", "top1": standard["top1"], "top5": standard["top5"],
-                     **_agreement(setup, agreement_images, apply.quantize_weights(setup.variables, policy), policy)})
+                     **_agreement(setup, agreement_images, qvars, policy)})
         common.log(f"W{bits}A{bits}: ranking-aware optimisation ({FLAGS.method}, {FLAGS.steps} steps per block)")
         start = time.perf_counter()
         result = ranking.ranking_ptq(
@@ -114,9 +115,8 @@ def main(argv):
         if result.stopped_at is not None:
             common.log(f"WARNING: non-finite loss in {result.stopped_at['block']} at step "
                        f"{result.stopped_at['step']}; it and later blocks keep their calibrated scales")
-        ranked = setup_lib.evaluate_policy(setup, result.policy, f"W{bits}A{bits} ranking",
-                                           weight_scales=result.weight_scales)
-        qvars = apply.quantize_weights(setup.variables, result.policy, scales=result.weight_scales)
+        qvars = setup_lib.quantized_variables(setup, result.policy, result.weight_scales)
+        ranked = setup_lib.evaluate_policy(setup, result.policy, f"W{bits}A{bits} ranking", qvars)
         rows.append({"bits": bits, "method": "ranking", "top1": ranked["top1"], "top5": ranked["top5"],
                      **_agreement(setup, agreement_images, qvars, result.policy),
                      "optimisation_s": optimisation_s, "stopped_at": result.stopped_at})

@@ -131,10 +131,17 @@ _QUANTIZED_LOGITS = {}
 _quantize_weights = jax.jit(apply.quantize_weights, static_argnames="method")
 
 
-def evaluate_policy(setup: Setup, policy: dict, label: str, weight_scales: dict | None = None) -> dict:
-    """Top-1/top-5 of the model under ``policy`` (weights quantized once, then every batch);
-    ``weight_scales`` replace the --weight_method scales of their layers (ranking-aware PTQ)."""
-    qvars = _quantize_weights(setup.variables, policy, method=FLAGS.weight_method, scales=weight_scales)
+def quantized_variables(setup: Setup, policy: dict, weight_scales: dict | None = None) -> dict:
+    """The weights quantized under ``policy`` by --weight_method; ``weight_scales`` replace the
+    scales of their layers (ranking-aware PTQ)."""
+    return _quantize_weights(setup.variables, policy, method=FLAGS.weight_method, scales=weight_scales)
+
+
+def evaluate_policy(setup: Setup, policy: dict, label: str, qvars: dict | None = None) -> dict:
+    """Top-1/top-5 of the model under ``policy`` (weights quantized once, then every batch;
+    pass ``qvars`` from :func:`quantized_variables` to reuse them)."""
+    if qvars is None:
+        qvars = quantized_variables(setup, policy)
     fn = _QUANTIZED_LOGITS.setdefault(id(setup.model), _quantized_logits(setup.model))
     result = metrics.evaluate(fn, (qvars, policy), setup.eval_batches(), batch_size=FLAGS.batch_size,
                               num_classes=setup.num_classes, num_images=len(setup.eval_indices), label=label)

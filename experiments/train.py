@@ -342,28 +342,30 @@ def _train(config, spec, out, checkpoints, model_overrides, on_step, started):
               "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}
     meta = lambda: {"config": _fingerprint(config), "curve": curve}
 
-    def evaluate(state):
-        batches = ((data.normalize(eval_images[i:i + config.batch_size], preprocessing),
-                    eval_labels[i:i + config.batch_size])
+    mean_array, std_array = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
+    eval_logits = lambda v, x: eval_model.apply(v, training.normalize(x, mean_array, std_array))
+
+    def evaluate(state):  # uint8 batches, normalised on the device as in training
+        batches = ((eval_images[i:i + config.batch_size], eval_labels[i:i + config.batch_size])
                    for i in range(0, len(eval_images), config.batch_size))
-        return metrics.evaluate(lambda v, x: eval_model.apply(v, x), state.variables, batches,
-                                batch_size=config.batch_size, num_classes=num_classes,
-                                num_images=len(eval_images), label="eval", mesh=mesh)
+        return metrics.evaluate(eval_logits, state.variables, batches, batch_size=config.batch_size,
+                                num_classes=num_classes, num_images=len(eval_images), label="eval", mesh=mesh)
 
     step = int(state.step)
     common.log(f"training {spec.name} ({num_classes} classes, {dtype.name}) on {len(train_images)} images: "
                f"{config.epochs} epochs x {steps_per_epoch} steps, batch {config.batch_size}, "
                f"{config.optimizer} lr {config.learning_rate:g}, {jax.local_device_count()} devices")
     window_start, window_images, run_start, run_first_step = time.perf_counter(), 0, time.perf_counter(), step
-    epoch_sums = []
+    epoch_metrics, order, order_epoch = [], None, None
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
-        order = epoch_order(config.seed, epoch, len(train_images))
+        if epoch != order_epoch:
+            order, order_epoch = epoch_order(config.seed, epoch, len(train_images)), epoch
         idx = order[position * config.batch_size:(position + 1) * config.batch_size]
         images, labels = jax.device_put((train_images[idx], train_labels[idx]), batch_sharding)
         state, step_metrics = train_step(state, images, labels)
         step += 1
-        epoch_sums.append(step_metrics)
+        epoch_metrics.append(step_metrics)
         window_images += config.batch_size
         if on_step is not None:
             on_step(step)
@@ -382,11 +384,11 @@ def _train(config, spec, out, checkpoints, model_overrides, on_step, started):
         if step % steps_per_epoch == 0:
             evaluation = evaluate(state)
             curve.append({"epoch": step // steps_per_epoch, "step": step,
-                          "train_loss": float(np.mean([float(m["loss"]) for m in epoch_sums])),
-                          "train_accuracy": 100 * float(np.mean([float(m["accuracy"]) for m in epoch_sums])),
+                          "train_loss": float(np.mean([float(m["loss"]) for m in epoch_metrics])),
+                          "train_accuracy": 100 * float(np.mean([float(m["accuracy"]) for m in epoch_metrics])),
                           "eval_top1": evaluation["top1"], "eval_top5": evaluation["top5"],
                           "wall_s": time.perf_counter() - started})
-            epoch_sums = []
+            epoch_metrics = []
             common.log(f"epoch {curve[-1]['epoch']}: train loss {curve[-1]['train_loss']:.4f}, "
                        f"eval top-1 {evaluation['top1']:.2f}% top-5 {evaluation['top5']:.2f}%")
             checkpoints.save(state, meta())
@@ -397,12 +399,11 @@ def _train(config, spec, out, checkpoints, model_overrides, on_step, started):
     final = checkpoint.save(os.path.join(out, "final"), jax.device_get(state.variables), model=spec.name,
                             num_classes=num_classes, preprocessing=preprocessing,
                             source=f"experiments.train:{os.path.abspath(out)}", overwrite=True)
+    # Every run ends an epoch (total_steps is a multiple of steps_per_epoch), so curve is not empty.
     result.update({"curve": curve, "finished": True, "final_checkpoint": final,
-                   "top1": curve[-1]["eval_top1"] if curve else None,
-                   "top5": curve[-1]["eval_top5"] if curve else None,
+                   "top1": curve[-1]["eval_top1"], "top5": curve[-1]["eval_top5"],
                    "wall_time_s": time.perf_counter() - started})
-    if curve:
-        _plot_curve(f"{out}/curve.png", curve, spec.name)
+    _plot_curve(f"{out}/curve.png", curve, spec.name)
     common.write_json_atomic(f"{out}/results.json", result)
     return result
 
