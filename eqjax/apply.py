@@ -18,27 +18,13 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from eqjax import calibration, numerics
-from eqjax.intercept import LayerCall, is_quantizable, layer_name
+from eqjax import calibration, intercept, numerics
+from eqjax.intercept import LayerCall
 from eqjax.policy import LayerQuant
 
-__all__ = ["quantize_weights", "quantize_layer_inputs", "quantized_apply", "collect_activation_stats", "init_activation_stats"]
-
-
-def _get(tree: Mapping, path: Sequence[str]) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _replace(tree: Mapping, path: Sequence[str], value: Any) -> dict:
-    """A copy of nested dict ``tree`` with ``tree[path] = value`` (shares untouched branches)."""
-    if not path:
-        return value
-    new = dict(tree)
-    new[path[0]] = _replace(tree[path[0]], path[1:], value)
-    return new
+__all__ = ["check_weighted_layers", "quantize_weights", "quantize_layer_inputs", "quantized_apply", "collect_activation_stats", "init_activation_stats"]
 
 
 def quantize_weights(variables: Mapping, policy: Mapping[str, LayerQuant], *,
@@ -57,13 +43,16 @@ def quantize_weights(variables: Mapping, policy: Mapping[str, LayerQuant], *,
     """
     calibration._check_method(method)
     scales = scales or {}
+    unknown = [n for n in scales if n not in policy]
+    if unknown:
+        raise ValueError(f"weight scales for layers not in the policy: {', '.join(unknown)}")
+    check_weighted_layers(variables, policy)
     out = dict(variables)
     for name, lq in policy.items():
-        path = ("params", *name.split("."), "kernel")
-        try:
-            kernel = _get(variables, path)
-        except (KeyError, TypeError):
-            continue  # attention matmuls have no kernel (their w_enabled is False)
+        module = intercept.module_variables(variables, name)
+        if module is None or "kernel" not in module:
+            continue  # a parameter-free layer (attention matmul): its w_enabled is False
+        kernel = module["kernel"]
         if name in scales:
             scale = jnp.asarray(scales[name], jnp.float32)
         else:
@@ -74,8 +63,32 @@ def quantize_weights(variables: Mapping, policy: Mapping[str, LayerQuant], *,
         quantized = numerics.fake_quant(kernel.astype(jnp.float32), scale.reshape(shape),
                                         q_min.reshape((1,) * kernel.ndim),
                                         q_max.reshape((1,) * kernel.ndim)).astype(kernel.dtype)
-        out = _replace(out, path, jnp.where(lq.w_enabled, quantized, kernel))
+        out = intercept.replace_module_variable(out, name, "kernel", jnp.where(lq.w_enabled, quantized, kernel))
     return out
+
+
+def check_weighted_layers(variables: Mapping, policy: Mapping[str, LayerQuant]) -> None:
+    """Raises ValueError when a policy layer with quantized weights has no kernel in ``variables``.
+
+    Parameter-free layers (attention matmuls) have ``w_enabled`` False. Entries whose
+    ``w_enabled`` is traced are left to :func:`quantized_apply`, which checks every policy
+    name against the layers the model calls, while tracing.
+    """
+    for name, lq in policy.items():
+        module = intercept.module_variables(variables, name)
+        if module is not None and "kernel" in module:
+            continue
+        if not isinstance(lq.w_enabled, jax.core.Tracer) and bool(np.any(lq.w_enabled)):
+            close = intercept.closest_names(name, _kernel_names(variables))
+            raise ValueError(f"policy layer {name!r} has no kernel in the model's params"
+                             + (f" (closest: {', '.join(close)})" if close else ""))
+
+
+def _kernel_names(variables: Mapping) -> list[str]:
+    """Dotted paths of every module with a ``kernel`` in ``variables['params']``."""
+    return [".".join(p.key for p in path[1:-1])
+            for path, _ in jax.tree_util.tree_flatten_with_path(variables)[0]
+            if getattr(path[-1], "key", None) == "kernel" and getattr(path[0], "key", None) == "params"]
 
 
 def quantize_layer_inputs(lq: LayerQuant, inputs: Sequence[jax.Array]) -> list[jax.Array]:
@@ -109,18 +122,19 @@ def quantized_apply(model: nn.Module, variables: Mapping, policy: Mapping[str, L
     """
     if quantize_kernels:
         variables = quantize_weights(variables, policy, method=weight_method)
+    seen: list[str] = []
 
-    def interceptor(next_fun, call_args, call_kwargs, context):
-        module = context.module
-        if context.method_name != "__call__" or not is_quantizable(module):
-            return next_fun(*call_args, **call_kwargs)
-        lq = policy.get(layer_name(module))
-        if lq is None:
-            return next_fun(*call_args, **call_kwargs)
-        return next_fun(*quantize_layer_inputs(lq, call_args), **call_kwargs)
+    def quantize_inputs(name, module, call, call_args, call_kwargs):
+        seen.append(name)
+        lq = policy.get(name)
+        return call(*(call_args if lq is None else quantize_layer_inputs(lq, call_args)), **call_kwargs)
 
-    with nn.intercept_methods(interceptor):
-        return model.apply(variables, *args, **kwargs)
+    with intercept.intercept_calls(quantize_inputs):
+        out = model.apply(variables, *args, **kwargs)
+    # Checked while tracing (no cost per call): a misspelt or stale name never runs unquantized.
+    intercept.check_layer_names(policy, dict.fromkeys(seen), prefix="policy does not match the model",
+                                missing_label="model layers missing from the policy")
+    return out
 
 
 def init_activation_stats(calls: Iterable[LayerCall], *, num_bins: int = 2048) -> dict:
@@ -148,15 +162,12 @@ def collect_activation_stats(model: nn.Module, variables: Mapping, batches: Iter
     def step(variables, stats, images):
         new = dict(stats)
 
-        def interceptor(next_fun, call_args, call_kwargs, context):
-            module = context.module
-            if context.method_name == "__call__" and is_quantizable(module):
-                name = layer_name(module)
-                if name in new:
-                    new[name] = tuple(calibration.update_stats(s, a) for s, a in zip(new[name], call_args))
-            return next_fun(*call_args, **call_kwargs)
+        def record(name, module, call, call_args, call_kwargs):
+            if name in new:
+                new[name] = tuple(calibration.update_stats(s, a) for s, a in zip(new[name], call_args))
+            return call(*call_args, **call_kwargs)
 
-        with nn.intercept_methods(interceptor):
+        with intercept.intercept_calls(record):
             model.apply(variables, images)
         return new
 

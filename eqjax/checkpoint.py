@@ -48,8 +48,7 @@ def save(directory: str | os.PathLike, variables: Any, *, model: str, num_classe
     models.get(model)
     directory = os.path.abspath(os.fspath(directory))
     if os.path.exists(directory) and not overwrite:
-        raise FileExistsError(f"checkpoint directory {directory} exists; pass overwrite=True "
-                              "(--overwrite) to replace it")
+        raise FileExistsError(f"checkpoint directory {directory} exists; pass overwrite=True to replace it")
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".eqjax_ckpt_", dir=parent)

@@ -48,25 +48,25 @@ class DatasetSpec:
         return f"tfds:{name}" + (f":{self.split}" if self.split else "")
 
 
-def parse_spec(text: str, *, flag: str = "dataset") -> DatasetSpec:
+def parse_spec(text: str, *, name: str = "dataset") -> DatasetSpec:
     """Parses ``tfds:NAME[/CONFIG][:SPLIT]``, ``folder:DIR`` or ``tar:FILE``.
 
     Raises:
-      ValueError: the text does not parse (the message names ``flag`` and the value).
+      ValueError: the text does not parse (the message names ``name`` and the value).
     """
     kind, sep, rest = str(text).partition(":")
     if not sep or not rest or kind not in ("tfds", "folder", "tar", "pkg"):
-        raise ValueError(f"--{flag}={text!r} does not parse: expected tfds:NAME[/CONFIG][:SPLIT], "
+        raise ValueError(f"{name}={text!r} does not parse: expected tfds:NAME[/CONFIG][:SPLIT], "
                          f"folder:DIR, tar:FILE or pkg:{{{','.join(PACKAGE_DATASETS)}}}")
     if kind == "pkg" and rest not in PACKAGE_DATASETS:
-        raise ValueError(f"--{flag}={text!r}: unknown package dataset {rest!r}; "
+        raise ValueError(f"{name}={text!r}: unknown package dataset {rest!r}; "
                          f"known: {', '.join(PACKAGE_DATASETS)}")
     if kind != "tfds":
         return DatasetSpec(kind, rest)
     name, _, split = rest.partition(":")
     name, _, config = name.partition("/")
     if not name:
-        raise ValueError(f"--{flag}={text!r}: empty TFDS dataset name")
+        raise ValueError(f"{name}={text!r}: empty TFDS dataset name")
     return DatasetSpec("tfds", name, config or None, split or None)
 
 
@@ -160,22 +160,28 @@ class TarSource:
 
 
 class TfdsSource:
-    """``tfds:NAME[/CONFIG][:SPLIT]`` through ``tfds.data_source`` (random access, no TF)."""
+    """``tfds:NAME[/CONFIG][:SPLIT]`` through ``tfds.data_source`` (random access, no TensorFlow).
+
+    Images are read encoded (``SkipDecoding``) and decoded with Pillow in :meth:`load`, so
+    listing the labels of a large split does not decode every image. ``data_dir`` defaults to
+    ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``.
+    """
 
     def __init__(self, spec: DatasetSpec, *, data_dir: str | None = None):
         import tensorflow_datasets as tfds
 
         self.spec = spec
         name = spec.path + (f"/{spec.config}" if spec.config else "")
+        data_dir = data_dir or os.environ.get("TFDS_DATA_DIR")
         try:
             self._source = tfds.data_source(name, split=spec.split or "test", data_dir=data_dir,
-                                            download=False)
+                                            download=False, decoders={"image": tfds.decode.SkipDecoding()})
         except Exception as e:  # TFDS raises several types for "not prepared"
             raise FileNotFoundError(
-                f"TFDS dataset {spec} is not prepared in {data_dir or '~/tensorflow_datasets'}: {e}\n"
-                "Prepare it once with TensorFlow installed (pip install tensorflow; "
-                f"tfds.builder('{name}').download_and_prepare(file_format='array_record')), "
-                "or use a folder:/tar: dataset.") from e
+                f"TFDS dataset {spec} is not prepared in {data_dir or '~/tensorflow_datasets'} "
+                f"({type(e).__name__}: {' '.join(str(e).split())[:300]}). Prepare it once with TensorFlow "
+                f"installed (pip install tensorflow-cpu; tfds.builder('{name}').download_and_prepare("
+                "file_format='array_record')), or use a folder:/tar: dataset.") from e
         if len(self._source) == 0:
             raise ValueError(f"dataset {spec} is empty")
         self.labels = np.asarray([int(self._source[i]["label"]) for i in range(len(self._source))])
@@ -185,7 +191,7 @@ class TfdsSource:
         return len(self._source)
 
     def load(self, index: int) -> Image.Image:
-        return Image.fromarray(np.asarray(self._source[index]["image"]))
+        return Image.open(io.BytesIO(self._source[index]["image"]))
 
 
 UNLABELLED = -1
@@ -227,9 +233,9 @@ class PackageSource:
         return Image.open(os.path.join(self._folder, self.ids[index]))
 
 
-def open_dataset(text: str, *, flag: str = "dataset", data_dir: str | None = None) -> ImageSource:
-    """The :class:`ImageSource` for a spec string (errors name ``--flag`` and the value)."""
-    spec = parse_spec(text, flag=flag)
+def open_dataset(text: str, *, name: str = "dataset", data_dir: str | None = None) -> ImageSource:
+    """The :class:`ImageSource` for a spec string (errors name ``name`` and the value)."""
+    spec = parse_spec(text, name=name)
     if spec.kind == "folder":
         return FolderSource(spec)
     if spec.kind == "tar":
@@ -286,7 +292,7 @@ def load_uint8(source: ImageSource, indices: Sequence[int], pre: Preprocessing, 
     return np.stack(images)
 
 
-def sample_indices(num_total: int, num: int | None, *, seed: int = 0, flag: str = "images") -> np.ndarray:
+def sample_indices(num_total: int, num: int | None, *, seed: int = 0, name: str = "num") -> np.ndarray:
     """``num`` distinct indices of ``range(num_total)``, deterministic in ``seed``, sorted.
 
     ``num=None`` (or equal to the total) means all. Raises ValueError if ``num`` > total.
@@ -294,7 +300,7 @@ def sample_indices(num_total: int, num: int | None, *, seed: int = 0, flag: str 
     if num is None or num == num_total:
         return np.arange(num_total)
     if not 0 < num <= num_total:
-        raise ValueError(f"--{flag}={num} but the dataset has {num_total} images")
+        raise ValueError(f"{name}={num} but the dataset has {num_total} images")
     return np.sort(np.random.default_rng(seed).choice(num_total, size=num, replace=False))
 
 
@@ -333,7 +339,7 @@ def same_source(a: ImageSource, b: ImageSource) -> bool:
 
 def calibration_indices(calib: ImageSource, num: int | None, *, seed: int = 0,
                         eval_source: ImageSource | None = None,
-                        eval_indices: Sequence[int] = (), flag: str = "calib_images") -> np.ndarray:
+                        eval_indices: Sequence[int] = (), name: str = "num") -> np.ndarray:
     """Calibration image indices, disjoint from the evaluation images when both share a source.
 
     Args:
@@ -343,7 +349,7 @@ def calibration_indices(calib: ImageSource, num: int | None, *, seed: int = 0,
       eval_source, eval_indices: the evaluation images to stay clear of.
 
     Raises:
-      ValueError: ``num`` exceeds the images available (named by ``flag``).
+      ValueError: ``num`` exceeds the images available (named by ``name``).
     """
     allowed = np.arange(len(calib))
     if eval_source is not None and same_source(calib, eval_source):
@@ -352,6 +358,6 @@ def calibration_indices(calib: ImageSource, num: int | None, *, seed: int = 0,
             raise ValueError(f"calibration and evaluation use the same images of {calib.spec}; "
                              "evaluate on fewer images or calibrate on another split")
     if num is not None and num > len(allowed):
-        raise ValueError(f"--{flag}={num} but only {len(allowed)} images of {calib.spec} are "
+        raise ValueError(f"{name}={num} but only {len(allowed)} images of {calib.spec} are "
                          "available for calibration (disjoint from evaluation)")
-    return allowed[sample_indices(len(allowed), num, seed=seed, flag=flag)]
+    return allowed[sample_indices(len(allowed), num, seed=seed, name=name)]

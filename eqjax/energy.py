@@ -87,9 +87,7 @@ def count_layers(model: nn.Module, inputs: Any, *, variables: Any = None) -> lis
     for call in calls:
         weights = bias = 0
         if call.kind != "matmul":
-            node = params
-            for key in call.name.split("."):
-                node = node[key]
+            node = intercept.module_variables(params, call.name, collection=None)
             weights = math.prod(node["kernel"].shape)
             bias = math.prod(node["bias"].shape) if "bias" in node else 0
         count = LayerCount(call.name, call.kind, _macs(call), weights, bias,

@@ -10,15 +10,18 @@ edits it, calls are only observed through ``nn.intercept_methods``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any, Iterable, Sequence
+import difflib
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-__all__ = ["ActivationMatmul", "LayerCall", "layer_name", "is_quantizable", "trace_layers",
-           "weighted_layer_names", "check_layer_names"]
+__all__ = ["ActivationMatmul", "LayerCall", "layer_name", "is_quantizable", "intercept_calls",
+           "trace_layers", "weighted_layer_names", "check_layer_names", "module_variables",
+           "replace_module_variable", "closest_names"]
 
 
 class ActivationMatmul(nn.Module):
@@ -77,6 +80,46 @@ def _kind(module: nn.Module) -> str:
     return "matmul"
 
 
+# handler(name, module, call, args, kwargs) -> output; ``call(*args, **kwargs)`` runs the layer.
+CallHandler = Callable[[str, nn.Module, Callable[..., Any], tuple, dict], Any]
+
+
+def intercept_calls(handler: CallHandler, *,
+                    select: Callable[[nn.Module], bool] = is_quantizable) -> contextlib.AbstractContextManager:
+    """A context in which every ``__call__`` of a selected module goes through ``handler``.
+
+    The one interception point of eqjax: tracing, calibration, quantized apply, the
+    sensitivity sweep, ranking-aware PTQ and the energy count all see layer calls here.
+
+    Args:
+      handler: ``handler(name, module, call, args, kwargs)`` returns the call's output;
+        ``name`` is the module's dotted path (its timm name), ``call(*args, **kwargs)``
+        runs the layer (the handler may change the arguments, the output, or skip it).
+      select: which modules are seen (default: the quantizable layers).
+
+    Example:
+      >>> import flax.linen as nn, jax.numpy as jnp
+      >>> net = nn.Dense(2)
+      >>> params = net.init(jax.random.key(0), jnp.ones((1, 3)))
+      >>> seen = []
+      >>> def record(name, module, call, args, kwargs):
+      ...     seen.append((name or "<top>", args[0].shape))
+      ...     return call(*args, **kwargs)
+      >>> with intercept_calls(record):
+      ...     _ = net.apply(params, jnp.ones((4, 3)))
+      >>> seen
+      [('<top>', (4, 3))]
+    """
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name != "__call__" or not select(module):
+            return next_fun(*args, **kwargs)
+        return handler(layer_name(module), module, next_fun, args, kwargs)
+
+    return nn.intercept_methods(interceptor)
+
+
 def trace_layers(model: nn.Module, inputs: Any, *, variables: Any = None,
                  method_kwargs: dict | None = None) -> list[LayerCall]:
     """The quantizable layer calls of ``model`` in call order, without running it.
@@ -95,29 +138,65 @@ def trace_layers(model: nn.Module, inputs: Any, *, variables: Any = None,
     records: list[LayerCall] = []
     kwargs = method_kwargs or {}
 
-    def interceptor(next_fun, args, call_kwargs, context):
-        out = next_fun(*args, **call_kwargs)
-        module = context.module
-        if context.method_name == "__call__" and is_quantizable(module):
-            kernel = None
-            if isinstance(module, WEIGHTED_TYPES):
-                kernel = tuple(module.variables["params"]["kernel"].shape)
-            records.append(LayerCall(
-                name=layer_name(module), kind=_kind(module),
-                input_shapes=tuple(tuple(a.shape) for a in args), output_shape=tuple(out.shape),
-                kernel_shape=kernel,
-                feature_group_count=getattr(module, "feature_group_count", 1),
-                equation=getattr(module, "equation", None)))
+    def record(name, module, call, args, call_kwargs):
+        out = call(*args, **call_kwargs)
+        kernel = None
+        if isinstance(module, WEIGHTED_TYPES):
+            kernel = tuple(module.variables["params"]["kernel"].shape)
+        records.append(LayerCall(
+            name=name, kind=_kind(module),
+            input_shapes=tuple(tuple(a.shape) for a in args), output_shape=tuple(out.shape),
+            kernel_shape=kernel,
+            feature_group_count=getattr(module, "feature_group_count", 1),
+            equation=getattr(module, "equation", None)))
         return out
 
     def run(x):
-        with nn.intercept_methods(interceptor):
+        with intercept_calls(record):
             if variables is None:
                 return model.init(jax.random.key(0), x, **kwargs)
             return model.apply(variables, x, **kwargs)
 
     jax.eval_shape(run, inputs)
     return records
+
+
+def module_variables(tree: Mapping, name: str, *, collection: str | None = "params") -> Mapping | None:
+    """The variables of module ``name`` (dotted path) in ``tree``, or None if it has none.
+
+    Args:
+      tree: Flax variables ``{'params': ...}`` (``collection`` given) or one collection.
+      name: dotted module path (``layer1.0.conv1``; ``""`` is the top module).
+      collection: the collection to look in, or None when ``tree`` is one already.
+    """
+    node = tree[collection] if collection is not None else tree
+    for key in (name.split(".") if name else ()):
+        if not isinstance(node, Mapping) or key not in node:
+            return None
+        node = node[key]
+    return node if isinstance(node, Mapping) else None
+
+
+def replace_module_variable(tree: Mapping, name: str, leaf: str, value: Any, *,
+                            collection: str = "params") -> dict:
+    """A copy of variables ``tree`` with ``tree[collection][name...][leaf] = value``
+    (untouched branches shared). Raises KeyError when the module has no such variable."""
+    path = (collection, *(name.split(".") if name else ()), leaf)
+
+    def replace(node, depth):
+        key = path[depth]
+        if not isinstance(node, Mapping) or key not in node:
+            raise KeyError(f"no variable {'/'.join(path)} in the model")
+        new = dict(node)
+        new[key] = value if depth == len(path) - 1 else replace(node[key], depth + 1)
+        return new
+
+    return replace(tree, 0)
+
+
+def closest_names(name: str, candidates: Iterable[str], *, limit: int = 3) -> list[str]:
+    """Up to ``limit`` candidates that look like ``name`` (for "did you mean" messages)."""
+    return difflib.get_close_matches(name, list(candidates), n=limit, cutoff=0.5)
 
 
 def check_layer_names(given: Iterable[str], model_layers: Iterable[str], *, prefix: str,
@@ -137,7 +216,9 @@ def check_layer_names(given: Iterable[str], model_layers: Iterable[str], *, pref
     if unknown or missing:
         parts = []
         if unknown:
-            parts.append(f"layers not in the model ({len(unknown)}): {', '.join(unknown)}")
+            described = [n + (f" (closest: {', '.join(close)})" if (close := closest_names(n, expected)) else "")
+                         for n in unknown]
+            parts.append(f"layers not in the model ({len(unknown)}): {', '.join(described)}")
         if missing:
             parts.append(f"{missing_label} ({len(missing)}): {', '.join(missing)}")
         raise ValueError(f"{prefix}: " + "; ".join(parts))

@@ -342,8 +342,9 @@ def quantize(x: jax.typing.ArrayLike, bits: Any, *, scale: jax.typing.ArrayLike 
         range, a scale of the wrong shape.
 
     Example:
-      >>> w = jnp.array([[0.5, -1.0], [0.25, 0.1]])
-      >>> eqjax.quantize(w, 4, axis=0)    # one scale per row
+      >>> w = jnp.array([[0.6, -1.0], [0.25, 0.1]])
+      >>> [[round(float(v), 4) for v in row] for row in quantize(w, 4, axis=0)]  # scale max|row| / 7
+      [[0.5714, -1.0], [0.25, 0.1071]]
     """
     xc, scale_b, q_min, q_max, _ = _prepare(x, bits, scale, axis, signed)
     return fake_quant(xc, scale_b, q_min, q_max).astype(jnp.asarray(x).dtype)

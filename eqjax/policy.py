@@ -15,7 +15,6 @@ from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from eqjax import calibration, numerics
 from eqjax import intercept
@@ -76,7 +75,8 @@ def build(calls: Sequence[LayerCall], *, w_bits: int, a_bits: int | None = None,
       a_bits: activation bits (default ``w_bits``).
       keep_first_last_bits: bits of the first and last conv/dense layer (weights and
         activations), the study's default 8; None quantizes them like the rest.
-      rules: ``(regex, bits)`` or ``(regex, (w_bits, a_bits))`` on layer names.
+      rules: ``(regex, bits)`` or ``(regex, (w_bits, a_bits))`` on layer names; a rule
+        that matches no layer is an error (a misspelt rule never goes unnoticed).
       quantize_matmuls: quantize the operands of attention matmuls (at ``a_bits``).
 
     Returns:
@@ -106,9 +106,12 @@ def build(calls: Sequence[LayerCall], *, w_bits: int, a_bits: int | None = None,
         is_matmul = call.kind == "matmul"
         policy[call.name] = _layer(bits[0], bits[1], len(call.input_shapes), not is_matmul,
                                    enabled=quantize_matmuls or not is_matmul)
-    for pattern, _ in compiled:
-        if pattern.pattern not in used_rules:
-            logging.warning("bits rule %r matched no layer", pattern.pattern)
+    unused = [pattern.pattern for pattern, _ in compiled if pattern.pattern not in used_rules]
+    if unused:
+        names = list(policy)
+        described = [p + (f" (closest layers: {', '.join(close)})"
+                          if (close := intercept.closest_names(p, names)) else "") for p in unused]
+        raise ValueError(f"bits rules that match no layer of the model: {'; '.join(described)}")
     return policy
 
 

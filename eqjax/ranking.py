@@ -1,23 +1,12 @@
-"""Ranking-aware post-training quantization of Vision Transformers (Liu et al., NeurIPS 2021).
+"""Ranking-aware post-training quantization of Vision Transformers: the Flax glue.
 
-Per transformer block b, with full-precision output O and attention scores A = QK^T/sqrt(d)
-(before softmax), and their quantized counterparts Ô and Â, Liu et al. (eqs. 9-11) maximise
-
-    Γ(O, Ô) − γ · L_rank,    L_rank = Σ_rows Σ_{i<j} Φ((Â_i − Â_j) · sign(A_i − A_j)),
-    Φ(p) = max(θ − p, 0),
-
-over the quantization intervals, where Γ is the Pearson correlation (or cosine similarity)
-and the rank loss penalises every pair of keys whose order the quantized scores do not keep
-with margin θ. Here the loss is the *mean* hinge over valid pairs (so γ does not depend on
-the sequence length) and we minimise ``(1 − Γ) + γ·L_rank``.
-
-The scales are optimised block by block, in forward order, with the quantized outputs of the
-earlier (already optimised) blocks as inputs and the full-precision model's block outputs as
-targets: per-output-channel weight scales and per-tensor activation clips of every layer in
-the block (including the operands of the attention matmuls), log-parametrised, initialised
-from calibration (absmax), by Adam (optax) through the straight-through quantizers
-(:func:`eqjax.numerics.fake_quant`, LSQ gradients), or by the paper's alternating search over
-a grid of interval multipliers.
+The losses are in :mod:`eqjax.ranking_core` (pure). Here the scales are optimised block by
+block, in forward order, with the quantized outputs of the earlier (already optimised)
+blocks as inputs and the full-precision model's block outputs as targets: per-output-channel
+weight scales and per-tensor activation clips of every layer in the block (including the
+operands of the attention matmuls), log-parametrised, initialised from calibration (absmax),
+by Adam (optax) through the straight-through quantizers (:func:`eqjax.numerics.fake_quant`,
+LSQ gradients), or by the paper's alternating search over a grid of interval multipliers.
 """
 
 from __future__ import annotations
@@ -34,94 +23,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from eqjax import apply, calibration
-from eqjax.intercept import layer_name
+from eqjax import apply, calibration, intercept
 from eqjax.policy import LayerQuant
+from eqjax.ranking_core import (SIMILARITIES, cosine_similarity, kept_order_fraction, pearson_correlation,
+                                ranking_loss, ranking_objective, search_grid, similarity)
 
-SIMILARITIES = ("pearson", "cosine")
+__all__ = ["METHODS", "SCORES_SUFFIX", "Block", "RankingResult", "block_policy", "init_block_scales",
+           "apply_scales", "block_forward", "find_blocks", "first_block_inputs", "check_options",
+           "ranking_ptq", "attention_agreement",
+           # re-exported from ranking_core
+           "SIMILARITIES", "cosine_similarity", "pearson_correlation", "similarity", "ranking_loss",
+           "kept_order_fraction", "ranking_objective", "search_grid"]
+
 METHODS = ("adam", "grid")
 SCORES_SUFFIX = "qk_matmul"  # the attention-score matmul of eqjax ViTs: blocks.N.attn.qk_matmul
-
-
-# ---------------------------------------------------------------- similarity and rank losses
-
-
-def _flat(x: jax.Array) -> jax.Array:
-    return x.reshape(x.shape[0], -1).astype(jnp.float32)
-
-
-def cosine_similarity(a: jax.Array, b: jax.Array, *, eps: float = 1e-12) -> jax.Array:
-    """Cosine similarity of ``a`` and ``b`` [batch, ...] per example -> [batch]."""
-    a, b = _flat(a), _flat(b)
-    return jnp.sum(a * b, -1) / jnp.sqrt(jnp.sum(a * a, -1) * jnp.sum(b * b, -1) + eps)
-
-
-def pearson_correlation(a: jax.Array, b: jax.Array, *, eps: float = 1e-12) -> jax.Array:
-    """Pearson correlation of ``a`` and ``b`` [batch, ...] per example, over all other axes -> [batch]:
-    the cosine similarity of the centred values."""
-    a, b = _flat(a), _flat(b)
-    return cosine_similarity(a - jnp.mean(a, -1, keepdims=True), b - jnp.mean(b, -1, keepdims=True), eps=eps)
-
-
-def similarity(a: jax.Array, b: jax.Array, *, kind: str = "pearson") -> jax.Array:
-    """Mean over the batch of :func:`pearson_correlation` or :func:`cosine_similarity`."""
-    if kind not in SIMILARITIES:
-        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {kind!r}")
-    fn = pearson_correlation if kind == "pearson" else cosine_similarity
-    return jnp.mean(fn(a, b))
-
-
-def _pairs(reference: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """sign(A_i − A_j) [..., K, K] and the valid pairs: i < j, A_i ≠ A_j, and ``mask``."""
-    reference = reference.astype(jnp.float32)
-    order = jnp.sign(reference[..., :, None] - reference[..., None, :])
-    keys = reference.shape[-1]
-    upper = jnp.broadcast_to(jnp.arange(keys)[:, None] < jnp.arange(keys)[None, :], order.shape)
-    valid = upper & (order != 0)
-    if mask is not None:
-        valid = valid & jnp.broadcast_to(mask, order.shape)
-    return order, valid
-
-
-def ranking_loss(reference: jax.Array, quantized: jax.Array, *, margin: float = 0.0,
-                 mask: jax.Array | None = None) -> jax.Array:
-    """Mean pairwise hinge ``max(θ − (Â_i − Â_j)·sign(A_i − A_j), 0)`` over the valid pairs.
-
-    Args:
-      reference: full-precision scores [..., K] (e.g. [batch, heads, queries, keys]); each
-        row's keys are ranked.
-      quantized: quantized scores, same shape.
-      margin: θ >= 0; 0 makes the loss exactly 0 when every order is kept.
-      mask: optional bool pairs mask broadcastable to [..., K, K] (True = counted).
-
-    Returns:
-      Scalar; 0 (with zero, finite gradients) when no pair is valid.
-    """
-    order, valid = _pairs(reference, mask)
-    q = quantized.astype(jnp.float32)
-    hinge = jax.nn.relu(margin - (q[..., :, None] - q[..., None, :]) * order)
-    count = jnp.sum(valid)
-    return jnp.sum(jnp.where(valid, hinge, 0.0)) / jnp.maximum(count, 1).astype(jnp.float32)
-
-
-def kept_order_fraction(reference: jax.Array, quantized: jax.Array, *,
-                        mask: jax.Array | None = None) -> jax.Array:
-    """Share of valid key pairs (see :func:`ranking_loss`) whose order ``quantized`` keeps strictly."""
-    order, valid = _pairs(reference, mask)
-    q = quantized.astype(jnp.float32)
-    kept = jnp.sign(q[..., :, None] - q[..., None, :]) == order
-    count = jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
-    return jnp.sum(kept & valid).astype(jnp.float32) / count
-
-
-def ranking_objective(fp_out: jax.Array, q_out: jax.Array, fp_scores: Sequence[jax.Array],
-                      q_scores: Sequence[jax.Array], *, gamma: float = 0.1, margin: float = 0.0,
-                      similarity_kind: str = "pearson") -> tuple[jax.Array, dict[str, jax.Array]]:
-    """``(1 − Γ(O, Ô)) + γ · mean_layers L_rank(A, Â)``; returns (loss, parts)."""
-    sim = similarity(fp_out, q_out, kind=similarity_kind)
-    rank = (sum(ranking_loss(a, b, margin=margin) for a, b in zip(fp_scores, q_scores))
-            / max(len(fp_scores), 1))
-    return (1.0 - sim) + gamma * rank, {"similarity": sim, "rank": rank}
 
 
 # ---------------------------------------------------------------- one block, quantized
@@ -140,9 +55,7 @@ def init_block_scales(params: Mapping, policy: Mapping[str, LayerQuant]) -> dict
     """
     log_w, log_a = {}, {}
     for name, lq in policy.items():
-        node = params
-        for key in name.split("."):
-            node = node.get(key, {}) if isinstance(node, Mapping) else {}
+        node = intercept.module_variables(params, name, collection=None) or {}
         if "kernel" in node and bool(lq.w_enabled):
             scale = calibration.estimate_scale(node["kernel"], lq.w_bits, method="absmax", axis=-1)
             log_w[name] = jnp.log(jnp.maximum(scale.astype(jnp.float32), 1e-12))  # all-zero channels
@@ -166,13 +79,13 @@ def _recording_scores(scores_suffix: str):
     """Collects, into the yielded list, the outputs of the layers named ``*scores_suffix``."""
     scores = []
 
-    def interceptor(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        if context.method_name == "__call__" and layer_name(context.module).endswith(scores_suffix):
+    def record(name, module, call, args, kwargs):
+        out = call(*args, **kwargs)
+        if name.endswith(scores_suffix):
             scores.append(out)
         return out
 
-    with nn.intercept_methods(interceptor):
+    with intercept.intercept_calls(record):
         yield scores
 
 
@@ -251,22 +164,13 @@ def find_blocks(model: nn.Module, example: jax.ShapeDtypeStruct, *,
     """The modules for which ``is_block`` holds, in forward order (traced abstractly)."""
     blocks = {}
 
-    def interceptor(next_fun, args, kwargs, context):
-        if context.method_name == "__call__" and is_block(context.module):
-            path = ".".join(context.module.path)
-            blocks.setdefault(path, context.module.clone(parent=None, name=None))
-        return next_fun(*args, **kwargs)
+    def record(name, module, call, args, kwargs):
+        blocks.setdefault(name, module.clone(parent=None, name=None))
+        return call(*args, **kwargs)
 
-    with nn.intercept_methods(interceptor):
+    with intercept.intercept_calls(record, select=is_block):
         jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(example.shape, example.dtype))
     return [Block(path, module) for path, module in blocks.items()]
-
-
-def _block_params(variables: Mapping, path: str) -> Mapping:
-    node = variables["params"]
-    for key in path.split("."):
-        node = node[key]
-    return node
 
 
 def first_block_inputs(model: nn.Module, variables: Mapping, images: np.ndarray, *, first: Block,
@@ -280,12 +184,12 @@ def first_block_inputs(model: nn.Module, variables: Mapping, images: np.ndarray,
     def run(variables, policy, x):
         captured = []
 
-        def interceptor(next_fun, args, kwargs, context):
-            if context.method_name == "__call__" and ".".join(context.module.path) == first.path:
+        def capture(name, module, call, args, kwargs):
+            if name == first.path:
                 captured.append(args[0])
-            return next_fun(*args, **kwargs)
+            return call(*args, **kwargs)
 
-        with nn.intercept_methods(interceptor):
+        with intercept.intercept_calls(capture, select=lambda module: True):
             if policy is None:
                 model.apply(variables, x)
             else:
@@ -375,7 +279,7 @@ def ranking_ptq(model: nn.Module, variables: Mapping, policy: Mapping[str, Layer
     fixed = np.arange(min(batch_size, len(images)))
     for block in blocks:
         started = time.perf_counter()
-        params = _block_params(variables, block.path)
+        params = intercept.module_variables(variables, block.path)
         local = block_policy(policy, block.path)
         init = init_block_scales(params, local)
         loss_fn, adam_step, forward, fp_forward = _block_functions(block.module, scores_suffix, similarity_kind)
@@ -392,7 +296,7 @@ def ranking_ptq(model: nn.Module, variables: Mapping, policy: Mapping[str, Layer
                                                      pick_rows, steps=steps, batch_size=batch_size,
                                                      learning_rate=learning_rate, gamma=gamma, margin=margin)
             else:
-                log_scales, failure = _search_grid(evaluate, init, grid=grid, rounds=steps)
+                log_scales, failure = search_grid(evaluate, init, grid=grid, rounds=steps)
         if failure is not None:
             stopped_at = {"block": block.path, **failure}
             log_scales = init
@@ -425,27 +329,6 @@ def _optimize_adam(adam_step, init, params, policy, x_q, x_fp, rng, pick_rows, *
         if not np.isfinite(float(value)):
             return init, {"step": step, "loss": float(value)}
     return log_scales, None
-
-
-def _search_grid(evaluate, init, *, grid, rounds):
-    """Alternating search: per layer, the weight-scale multiplier, then the activation-clip one."""
-    log_grid = [float(np.log(g)) for g in grid]
-    current = init  # replaced, never mutated
-    for round_index in range(1, rounds + 1):
-        for name in sorted(set(init["w"]) | set(init["a"])):
-            for kind in ("w", "a"):
-                if name not in init[kind]:
-                    continue
-                best_value, best = None, current[kind][name]
-                for g in log_grid:
-                    trial = {**current, kind: {**current[kind], name: init[kind][name] + g}}
-                    value = float(evaluate(trial)[0])
-                    if not np.isfinite(value):
-                        return init, {"step": round_index, "loss": value, "layer": name}
-                    if best_value is None or value < best_value:
-                        best_value, best = value, trial[kind][name]
-                current = {**current, kind: {**current[kind], name: best}}
-    return current, None
 
 
 def attention_agreement(model: nn.Module, variables: Mapping, qvariables: Mapping,

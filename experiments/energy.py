@@ -10,9 +10,10 @@ mixed results.json). Presets: paper, horowitz45nm, horowitz45nm_sram; or --energ
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
-from absl import app, flags
+from absl import flags
 
 from eqjax import energy, models, numerics, policy as policy_lib
 from experiments import common
@@ -53,57 +54,90 @@ def _plot(path, rows, title):
     common.save_figure(fig, path)
 
 
-def main(argv):
-    del argv
-    w_bits = FLAGS.w_bits if FLAGS.w_bits is not None else FLAGS.bits
-    a_bits = FLAGS.a_bits if FLAGS.a_bits is not None else FLAGS.bits
-    numerics.check_bits(w_bits, name="--w_bits")
-    numerics.check_bits(a_bits, name="--a_bits")
-    if FLAGS.batch_size < 1:
-        raise ValueError(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
-    model_e = energy.load_energy_model(FLAGS.energy_json) if FLAGS.energy_json else energy.get_preset(FLAGS.preset)
-    spec = models.get(FLAGS.model)
-    num_classes = FLAGS.num_classes or spec.num_classes
-    counts = energy.count_layers(spec.build(num_classes=num_classes), spec.example_input(FLAGS.batch_size))
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EnergyRunConfig:
+    """An energy table: the model, the requested bits (uniform, or a per-layer table), the energy model."""
+
+    model: str = "deit_tiny"
+    w_bits: int = 8
+    a_bits: int = 8
+    keep_first_last_bits: int | None = 8
+    bits_json: str | None = None
+    energy_model: energy.EnergyModel = energy.PRESETS["paper"]
+    num_classes: int | None = None
+    batch_size: int = 1
+    workdir: str = "runs/default"
+
+    def __post_init__(self):
+        numerics.check_bits(self.w_bits, name="--w_bits")
+        numerics.check_bits(self.a_bits, name="--a_bits")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch_size must be >= 1, got {self.batch_size}")
+        models.get(self.model)
+
+
+def config_from_flags() -> EnergyRunConfig:
+    return EnergyRunConfig(
+        model=FLAGS.model, w_bits=FLAGS.w_bits if FLAGS.w_bits is not None else FLAGS.bits,
+        a_bits=FLAGS.a_bits if FLAGS.a_bits is not None else FLAGS.bits,
+        keep_first_last_bits=FLAGS.keep_first_last_bits or None, bits_json=FLAGS.bits_json,
+        energy_model=(energy.load_energy_model(FLAGS.energy_json) if FLAGS.energy_json
+                      else energy.get_preset(FLAGS.preset)),
+        num_classes=FLAGS.num_classes, batch_size=FLAGS.batch_size, workdir=FLAGS.workdir)
+
+
+def run(config: EnergyRunConfig) -> dict:
+    """Energy of FP32, W8A8, W6A6, W4A4 and the requested bits; writes WORKDIR/energy/results.json and energy.png."""
+    out = common.output_dir(config.workdir, "energy")
+    model_e = config.energy_model
+    spec = models.get(config.model)
+    num_classes = config.num_classes or spec.num_classes
+    counts = energy.count_layers(spec.build(num_classes=num_classes), spec.example_input(config.batch_size))
     calls = spec.trace(num_classes=num_classes)
-    keep = FLAGS.keep_first_last_bits or None
 
     def uniform(b_w, b_a):
-        return policy_lib.bits_table(policy_lib.build(calls, w_bits=b_w, a_bits=b_a, keep_first_last_bits=keep))
+        return policy_lib.bits_table(policy_lib.build(calls, w_bits=b_w, a_bits=b_a,
+                                                      keep_first_last_bits=config.keep_first_last_bits))
 
     configs = [("FP32", None)] + [(f"W{b}A{b}", uniform(b, b)) for b in (8, 6, 4)]
-    if FLAGS.bits_json:
-        configs.append(("policy", read_bits(FLAGS.bits_json)))
+    w_bits, a_bits = config.w_bits, config.a_bits
+    if config.bits_json:
+        configs.append(("policy", read_bits(config.bits_json)))
     elif (w_bits, a_bits) not in {(b, b) for b in (8, 6, 4)}:
         configs.append((f"W{w_bits}A{a_bits}", uniform(w_bits, a_bits)))
-    requested_label = "policy" if FLAGS.bits_json else f"W{w_bits}A{a_bits}"
+    requested = "policy" if config.bits_json else f"W{w_bits}A{a_bits}"
     reports = {label: energy.energy_report(counts, bits, model_e) for label, bits in configs}
-    requested = reports[requested_label]
+    rows = [{"label": label, **{k: r[k] for k in ("total", "mac", "memory", "relative")}}
+            for label, r in reports.items()]
+    _plot(f"{out}/energy.png", rows, f"{spec.name}: energy by configuration ({model_e.name})")
+    result = {"experiment": "energy", "model": spec.name, "num_classes": num_classes,
+              "config": {**{k: v for k, v in dataclasses.asdict(config).items() if k != "energy_model"},
+                         "bits": None if w_bits != a_bits else w_bits, "preset": model_e.name,
+                         "keep_first_last_bits": config.keep_first_last_bits or 0},
+              "energy_model": model_e.to_dict(), "environment": common.environment(),
+              "requested": requested, "configurations": reports}
+    result["results_path"] = common.write_json_atomic(f"{out}/results.json", result)
+    return result
 
-    print(f"{spec.name}, {requested_label}, batch {FLAGS.batch_size}, energy model {model_e.name} "
+
+def main(argv):
+    del argv
+    config = config_from_flags()
+    result = run(config)
+    requested = result["configurations"][result["requested"]]
+    model_e = config.energy_model
+    print(f"{result['model']}, {result['requested']}, batch {config.batch_size}, energy model {model_e.name} "
           f"({model_e.unit})")
     print(f"{'layer':28s} {'w':>3s} {'a':>3s} {'MACs':>12s} {'weights':>10s} {'E_MAC':>11s} {'E_mem':>11s}")
     for row in requested["per_layer"]:
         print(f"{row['name']:28s} {row['w_bits'] or 32:3d} {row['a_bits'] or 32:3d} {row['macs']:12,d} "
               f"{row['weight_elements']:10,d} {row['mac']:11.4g} {row['memory']:11.4g}")
     print(f"total MACs {requested['macs']:,}, weights {requested['weight_elements']:,}")
-    for label, r in reports.items():
+    for label, r in result["configurations"].items():
         print(f"{label:8s} total {r['total']:.4g} {r['unit']} (MAC {100 * r['mac_share']:.1f}%, "
               f"memory {100 * r['memory_share']:.1f}%), relative to FP32 {r['relative']:.4f}")
-
-    out = common.output_dir(FLAGS.workdir, "energy")
-    rows = [{"label": label, **{k: r[k] for k in ("total", "mac", "memory", "relative")}}
-            for label, r in reports.items()]
-    _plot(f"{out}/energy.png", rows, f"{spec.name}: energy by configuration ({model_e.name})")
-    result = {"experiment": "energy", "model": spec.name, "num_classes": num_classes,
-              "config": {k: FLAGS[k].value for k in ("model", "bits", "w_bits", "a_bits",
-                                                     "keep_first_last_bits", "bits_json", "preset",
-                                                     "energy_json", "batch_size", "workdir")},
-              "energy_model": model_e.to_dict(), "environment": common.environment(),
-              "requested": requested_label, "configurations": reports}
-    path = common.write_json_atomic(f"{out}/results.json", result)
-    print(f"wrote {path} and {out}/energy.png")
+    print(f"wrote {result['results_path']} and energy.png")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run_main(main)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import glob
 import json
 
-from absl import app, flags
+from absl import flags
 
 from eqjax.pareto import pareto_front
 from experiments import common
@@ -66,24 +66,31 @@ def _plot(path, by_model):
     common.save_figure(fig, path)
 
 
-def main(argv):
-    del argv
-    points = load_points(FLAGS.results)
+def run(patterns, workdir: str) -> dict:
+    """The front of every model in the results matching ``patterns``; writes WORKDIR/pareto/results.json and pareto.png."""
+    out = common.output_dir(workdir, "pareto")
+    points = load_points(patterns)
     by_model = {}
     for model in sorted({p["model"] for p in points}):
         mine = [p for p in points if p["model"] == model]
-        front = pareto_front([p["relative_energy"] for p in mine], [p["top1"] for p in mine])
-        by_model[model] = (mine, front)
-        print(f"{model}: {len(mine)} points, Pareto front:")
-        for i in front:
-            print(f"  {mine[i]['label']:24s} energy {mine[i]['relative_energy']:.4f}  top-1 {mine[i]['top1']:.2f}%")
-    out = common.output_dir(FLAGS.workdir, "pareto")
+        by_model[model] = (mine, pareto_front([p["relative_energy"] for p in mine], [p["top1"] for p in mine]))
     _plot(f"{out}/pareto.png", by_model)
-    result = {"experiment": "pareto", "config": {"results": FLAGS.results}, "environment": common.environment(),
+    result = {"experiment": "pareto", "config": {"results": list(patterns), "workdir": workdir},
+              "environment": common.environment(),
               "models": {m: {"points": pts, "front": [pts[i] for i in front]} for m, (pts, front) in by_model.items()}}
-    path = common.write_json_atomic(f"{out}/results.json", result)
-    print(f"wrote {path} and {out}/pareto.png")
+    result["results_path"] = common.write_json_atomic(f"{out}/results.json", result)
+    return result
+
+
+def main(argv):
+    del argv
+    result = run(FLAGS.results, FLAGS.workdir)
+    for model, entry in result["models"].items():
+        print(f"{model}: {len(entry['points'])} points, Pareto front:")
+        for p in entry["front"]:
+            print(f"  {p['label']:24s} energy {p['relative_energy']:.4f}  top-1 {p['top1']:.2f}%")
+    print(f"wrote {result['results_path']} and pareto.png")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run_main(main)

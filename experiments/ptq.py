@@ -17,16 +17,22 @@ CIFAR-10 checkpoint (converted by weights_convert, see README):
 Expected: FP32 74.08%, W6A6 73.64% top-1 on all 10,000 test images (~8 min on 2 cores).
 Writes WORKDIR/ptq/results.json (config, environment, bits per layer, FP32 and quantized
 top-1/top-5, image counts, energy, wall times) and WORKDIR/ptq/ptq.png.
+
+DeiT-Tiny or ResNet-18 (ImageNet) load timm's published weights from the Hugging Face hub
+(cached in HF_HOME; no torch needed): ``python -m experiments.ptq --model=deit_tiny --bits=6``.
+In code: ``run(PtqRunConfig(workload=WorkloadConfig(...), ptq=eqjax.PTQConfig(w_bits=6)))``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from typing import Any, Callable
 
-from absl import app, flags
+from absl import flags
 
-from eqjax import policy as policy_lib
-from experiments import common, setup as setup_lib
+from eqjax import policy as policy_lib, ptq
+from experiments import common, workload as workload_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("bits", 8, "Weight and activation bits (overridden by --w_bits / --a_bits).")
@@ -34,6 +40,28 @@ flags.DEFINE_integer("w_bits", None, "Weight bits (default --bits).")
 flags.DEFINE_integer("a_bits", None, "Activation bits (default --bits).")
 flags.DEFINE_integer("keep_first_last_bits", 8, "Bits of the first and last layer; 0 = no exception.")
 flags.DEFINE_string("workdir", "runs/default", "Output folder; results go to WORKDIR/ptq/.")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PtqRunConfig:
+    """One PTQ run: the workload, how to quantize it, and where results go."""
+
+    workload: workload_lib.WorkloadConfig
+    ptq: ptq.PTQConfig
+    workdir: str = "runs/default"
+    bits: int | None = None  # the --bits flag, recorded in results.json
+
+
+def config_from_flags() -> PtqRunConfig:
+    names = {"w_bits": "w_bits" if FLAGS.w_bits is not None else "bits",
+             "a_bits": "a_bits" if FLAGS.a_bits is not None else "bits"}
+    w_bits = FLAGS.w_bits if FLAGS.w_bits is not None else FLAGS.bits
+    a_bits = FLAGS.a_bits if FLAGS.a_bits is not None else FLAGS.bits
+    return PtqRunConfig(workload=workload_lib.workload_config_from_flags(),
+                        ptq=workload_lib.ptq_config_from_flags(w_bits=w_bits, a_bits=a_bits,
+                                                               keep_first_last_bits=FLAGS.keep_first_last_bits or None,
+                                                               flag_names=names),
+                        workdir=FLAGS.workdir, bits=FLAGS.bits)
 
 
 def _plot(path, result, bits):
@@ -52,43 +80,43 @@ def _plot(path, result, bits):
     common.save_figure(fig, path)
 
 
-def main(argv):
-    del argv
+def run(config: PtqRunConfig, *, log: Callable[[str], None] = common.log) -> dict[str, Any]:
+    """Calibrates, quantizes and evaluates; writes WORKDIR/ptq/results.json and ptq.png; returns the results."""
     started = time.perf_counter()
-    w_bits = setup_lib.check_bits_flag(FLAGS.w_bits if FLAGS.w_bits is not None else FLAGS.bits,
-                                       "w_bits" if FLAGS.w_bits is not None else "bits")
-    a_bits = setup_lib.check_bits_flag(FLAGS.a_bits if FLAGS.a_bits is not None else FLAGS.bits,
-                                       "a_bits" if FLAGS.a_bits is not None else "bits")
-    if FLAGS.keep_first_last_bits:
-        setup_lib.check_bits_flag(FLAGS.keep_first_last_bits, "keep_first_last_bits")
-    setup = setup_lib.prepare()
-
-    stats, calibration_s = setup_lib.collect_stats(setup)
-    policy = setup_lib.calibrated(setup, stats, policy_lib.build(
-        setup.calls, w_bits=w_bits, a_bits=a_bits, keep_first_last_bits=FLAGS.keep_first_last_bits or None,
-        quantize_matmuls=FLAGS.quantize_matmuls))
-    fp32 = setup_lib.evaluate_fp32(setup)
-    quant = setup_lib.evaluate_policy(setup, policy, f"W{w_bits}A{a_bits}")
+    out = common.output_dir(config.workdir, "ptq")
+    work = workload_lib.open_workload(config.workload, log=log)
+    stats, calibration_s = work.collect_stats()
+    policy = work.calibrated(stats, config.ptq)
+    fp32 = work.evaluate_fp32()
+    w_bits, a_bits = config.ptq.w_bits, config.ptq.activation_bits
+    quant = work.evaluate_quantized(work.quantize(policy, config.ptq), f"W{w_bits}A{a_bits}")
 
     bits = policy_lib.bits_table(policy)
-    result = setup_lib.base_result(setup, "ptq", ("bits", "w_bits", "a_bits", "keep_first_last_bits", "workdir"))
+    result = work.base_result("ptq", {**dataclasses.asdict(config.ptq), "bits": config.bits,
+                                      "keep_first_last_bits": config.ptq.keep_first_last_bits or 0,
+                                      "workdir": config.workdir})
     result.update({
         "w_bits": w_bits, "a_bits": a_bits, "bits": bits,
         "activation_clips": {n: {"clip": lq.a_clip, "signed": lq.a_signed} for n, lq in policy.items()},
         "top1": quant["top1"], "top5": quant["top5"], "fp32_top1": fp32["top1"], "fp32_top5": fp32["top5"],
-        "energy": setup_lib.energy_of(setup, bits),
+        "energy": work.energy_of(bits),
         "wall_times_s": {"calibration": calibration_s, "fp32_eval": fp32["seconds"],
                          "quantized_eval": quant["seconds"],
                          "quantized_over_fp32": quant["seconds"] / fp32["seconds"],
                          "total": time.perf_counter() - started},
     })
-    out = common.output_dir(FLAGS.workdir, "ptq")
     _plot(f"{out}/ptq.png", result, bits)
-    path = common.write_json_atomic(f"{out}/results.json", result)
-    print(f"{setup.spec.name} W{w_bits}A{a_bits} ({FLAGS.calib_method}): top-1 {quant['top1']:.2f}% "
-          f"(FP32 {fp32['top1']:.2f}%), top-5 {quant['top5']:.2f}% (FP32 {fp32['top5']:.2f}%) on "
-          f"{quant['num_images']} images, energy {result['energy']['relative']:.4f} of FP32 -> {path}")
+    result["results_path"] = common.write_json_atomic(f"{out}/results.json", result)
+    return result
+
+
+def main(argv):
+    del argv
+    r = run(config_from_flags())
+    print(f"{r['model']} W{r['w_bits']}A{r['a_bits']} ({r['config']['calib_method']}): top-1 {r['top1']:.2f}% "
+          f"(FP32 {r['fp32_top1']:.2f}%), top-5 {r['top5']:.2f}% (FP32 {r['fp32_top5']:.2f}%) on "
+          f"{r['num_eval_images']} images, energy {r['energy']['relative']:.4f} of FP32 -> {r['results_path']}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run_main(main)

@@ -6,7 +6,7 @@ policy with its block scales optimised by :func:`eqjax.ranking.ranking_ptq`. Bot
 for top-1/top-5 and for how well they keep the full-precision model: the share of
 attention-score key pairs whose order is kept, and the Pearson correlation of the logits.
 
-    python -m experiments.ranking --model=deit_tiny --weights=timm --bits=6 \\
+    python -m experiments.ranking --model=deit_tiny --bits=6 \\
         --dataset=folder:../shared/data/imagenet/val --calib_dataset=folder:../shared/data/imagenet/calib
 
 A trained ViT offline (``experiments.train`` writes one):
@@ -22,14 +22,16 @@ per-block objective before/after) and WORKDIR/ranking/ranking.png.
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from typing import Any, Callable
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from eqjax import policy as policy_lib, ranking
+from eqjax import ptq, ranking
 from eqjax.models import vit
-from experiments import common, setup as setup_lib
+from experiments import common, workload as workload_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("bits", ["8", "6", "4"], "Bit widths (weights and activations), one row pair each.")
@@ -45,15 +47,49 @@ flags.DEFINE_integer("num_rows", 32, "Attention query rows ranked per step and m
 flags.DEFINE_integer("agreement_images", 64, "Evaluation images for the kept-order measurement.")
 flags.DEFINE_string("workdir", "runs/default", "Output folder; results go to WORKDIR/ranking/.")
 FLAGS.set_default("model", "deit_tiny")
-FLAGS.set_default("weights", "timm")
 
 is_block = lambda module: isinstance(module, vit.Block)
 
 
-def _agreement(setup, images, qvars, policy) -> dict:
-    out = ranking.attention_agreement(setup.model, setup.variables, qvars, policy, images,
-                                      num_rows=FLAGS.num_rows or None)
-    return {k: float(v) for k, v in out.items()}
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RankingRunConfig:
+    """Standard vs ranking-aware PTQ at each of ``bits`` (options as :func:`eqjax.ranking.ranking_ptq`)."""
+
+    workload: workload_lib.WorkloadConfig
+    ptq: ptq.PTQConfig  # estimators; bits come from ``bits``
+    bits: tuple[int, ...] = (8, 6, 4)
+    method: str = "adam"
+    steps: int = 200
+    rank_batch_size: int = 32
+    learning_rate: float = 1e-2
+    gamma: float = 0.1
+    margin: float = 0.0
+    similarity: str = "pearson"
+    num_rows: int | None = 32
+    agreement_images: int = 64
+    workdir: str = "runs/default"
+
+    def __post_init__(self):
+        ranking.check_options(gamma=self.gamma, steps=self.steps, method=self.method,
+                              similarity_kind=self.similarity, margin=self.margin,
+                              batch_size=self.rank_batch_size, learning_rate=self.learning_rate)
+        if self.agreement_images < 1 or (self.num_rows is not None and self.num_rows < 1):
+            raise ValueError(f"agreement_images and num_rows must be >= 1, got {self.agreement_images}, "
+                             f"{self.num_rows}")
+
+
+def config_from_flags() -> RankingRunConfig:
+    if FLAGS.num_rows < 0:
+        raise ValueError(f"--num_rows must be >= 0, got {FLAGS.num_rows}")
+    names = {"similarity_kind": "similarity", "batch_size": "rank_batch_size"}
+    names |= {n: n for n in ("gamma", "steps", "method", "margin", "learning_rate", "agreement_images")}
+    return workload_lib.translate_errors(lambda: RankingRunConfig(
+        workload=workload_lib.workload_config_from_flags(),
+        ptq=workload_lib.ptq_config_from_flags(w_bits=8, a_bits=8, keep_first_last_bits=8),
+        bits=workload_lib.parse_bits(FLAGS.bits), method=FLAGS.method, steps=FLAGS.steps,
+        rank_batch_size=FLAGS.rank_batch_size, learning_rate=FLAGS.learning_rate, gamma=FLAGS.gamma,
+        margin=FLAGS.margin, similarity=FLAGS.similarity, num_rows=FLAGS.num_rows or None,
+        agreement_images=FLAGS.agreement_images, workdir=FLAGS.workdir), names)
 
 
 def _plot(path, rows, model):
@@ -73,72 +109,73 @@ def _plot(path, rows, model):
     common.save_figure(fig, path)
 
 
-def main(argv):
-    del argv
+def run(config: RankingRunConfig, *, log: Callable[[str], None] = common.log) -> dict[str, Any]:
+    """Standard and ranking-aware PTQ at every bit width; writes WORKDIR/ranking/results.json and ranking.png."""
     started = time.perf_counter()
-    bits_list = setup_lib.parse_bits(FLAGS.bits)
-    ranking.check_options(gamma=FLAGS.gamma, steps=FLAGS.steps, method=FLAGS.method,
-                          similarity_kind=FLAGS.similarity, margin=FLAGS.margin,
-                          batch_size=FLAGS.rank_batch_size, learning_rate=FLAGS.learning_rate)
-    if FLAGS.agreement_images < 1 or FLAGS.num_rows < 0:
-        raise ValueError(f"--agreement_images must be >= 1 and --num_rows >= 0, got "
-                         f"{FLAGS.agreement_images}, {FLAGS.num_rows}")
-    setup = setup_lib.prepare()
-    if not any(c.name.endswith(ranking.SCORES_SUFFIX) for c in setup.calls):
-        raise ValueError(f"--model={FLAGS.model} has no attention layers; ranking-aware PTQ needs a ViT "
+    out = common.output_dir(config.workdir, "ranking")
+    work = workload_lib.open_workload(config.workload, log=log)
+    if not any(c.name.endswith(ranking.SCORES_SUFFIX) for c in work.calls):
+        raise ValueError(f"--model={work.spec.name} has no attention layers; ranking-aware PTQ needs a ViT "
                          "(deit_tiny, vit_tiny_cifar)")
-    stats, calibration_s = setup_lib.collect_stats(setup)
-    calib_images = np.concatenate([images for images, _ in setup.calib_batches()])
-    agreement_images = np.concatenate([images for images, _ in setup.eval_batches()])[:FLAGS.agreement_images]
-    fp32 = setup_lib.evaluate_fp32(setup)
+    stats, calibration_s = work.collect_stats()
+    calib_images = np.concatenate([images for images, _ in work.calib_batches()])
+    agreement_images = np.concatenate([images for images, _ in work.eval_batches()])[:config.agreement_images]
+    fp32 = work.evaluate_fp32()
+
+    def row(bits, method, policy, state, label, **extra):
+        measured = work.evaluate_quantized(state, label)
+        agreement = ranking.attention_agreement(work.model, work.variables, state.variables, policy,
+                                                agreement_images, num_rows=config.num_rows)
+        return {"bits": bits, "method": method, "top1": measured["top1"], "top5": measured["top5"],
+                **{k: float(v) for k, v in agreement.items()}, **extra}
 
     rows, blocks = [], {}
-    for bits in bits_list:
-        policy = setup_lib.calibrated(setup, stats, policy_lib.build(
-            setup.calls, w_bits=bits, a_bits=bits, keep_first_last_bits=8, quantize_matmuls=FLAGS.quantize_matmuls))
-        qvars = setup_lib.quantized_variables(setup, policy)
-        standard = setup_lib.evaluate_policy(setup, policy, f"W{bits}A{bits} standard", qvars)
-        rows.append({"bits": bits, "method": "standard", "top1": standard["top1"], "top5": standard["top5"],
-                     **_agreement(setup, agreement_images, qvars, policy)})
-        common.log(f"W{bits}A{bits}: ranking-aware optimisation ({FLAGS.method}, {FLAGS.steps} steps per block)")
+    for bits in config.bits:
+        bits_config = dataclasses.replace(config.ptq, w_bits=bits, a_bits=bits)
+        policy = work.calibrated(stats, bits_config)
+        rows.append(row(bits, "standard", policy, work.quantize(policy, bits_config), f"W{bits}A{bits} standard"))
+        log(f"W{bits}A{bits}: ranking-aware optimisation ({config.method}, {config.steps} steps per block)")
         start = time.perf_counter()
         result = ranking.ranking_ptq(
-            setup.model, setup.variables, policy, calib_images, is_block=is_block, method=FLAGS.method,
-            steps=FLAGS.steps, batch_size=FLAGS.rank_batch_size, learning_rate=FLAGS.learning_rate,
-            gamma=FLAGS.gamma, margin=FLAGS.margin, similarity_kind=FLAGS.similarity,
-            num_rows=FLAGS.num_rows or None, seed=FLAGS.seed,
-            on_block=lambda r: common.log(
+            work.model, work.variables, policy, calib_images, is_block=is_block, method=config.method,
+            steps=config.steps, batch_size=config.rank_batch_size, learning_rate=config.learning_rate,
+            gamma=config.gamma, margin=config.margin, similarity_kind=config.similarity,
+            num_rows=config.num_rows, seed=config.workload.seed,
+            on_block=lambda r: log(
                 f"  {r['block']}: objective {r['objective_before']:.4f} -> {r['objective_after']:.4f}, "
                 f"similarity {r['similarity_before']:.4f} -> {r['similarity_after']:.4f}, "
                 f"rank {r['rank_before']:.4f} -> {r['rank_after']:.4f} ({r['seconds']:.1f} s)"))
         optimisation_s = time.perf_counter() - start
         if result.stopped_at is not None:
-            common.log(f"WARNING: non-finite loss in {result.stopped_at['block']} at step "
-                       f"{result.stopped_at['step']}; it and later blocks keep their calibrated scales")
-        qvars = setup_lib.quantized_variables(setup, result.policy, result.weight_scales)
-        ranked = setup_lib.evaluate_policy(setup, result.policy, f"W{bits}A{bits} ranking", qvars)
-        rows.append({"bits": bits, "method": "ranking", "top1": ranked["top1"], "top5": ranked["top5"],
-                     **_agreement(setup, agreement_images, qvars, result.policy),
-                     "optimisation_s": optimisation_s, "stopped_at": result.stopped_at})
+            log(f"WARNING: non-finite loss in {result.stopped_at['block']} at step "
+                f"{result.stopped_at['step']}; it and later blocks keep their calibrated scales")
+        state = work.quantize(result.policy, bits_config, result.weight_scales)
+        rows.append(row(bits, "ranking", result.policy, state, f"W{bits}A{bits} ranking",
+                        optimisation_s=optimisation_s, stopped_at=result.stopped_at))
         blocks[bits] = result.blocks
 
-    result = setup_lib.base_result(setup, "ranking", (
-        "bits", "method", "steps", "rank_batch_size", "learning_rate", "gamma", "margin", "similarity",
-        "num_rows", "agreement_images", "workdir"))
-    result.update({"fp32_top1": fp32["top1"], "fp32_top5": fp32["top5"], "rows": rows, "blocks": blocks,
-                   "num_agreement_images": len(agreement_images),
-                   "wall_times_s": {"calibration": calibration_s, "total": time.perf_counter() - started}})
-    out = common.output_dir(FLAGS.workdir, "ranking")
-    _plot(f"{out}/ranking.png", rows, setup.spec.name)
-    path = common.write_json_atomic(f"{out}/results.json", result)
-    print(f"{setup.spec.name}: FP32 top-1 {fp32['top1']:.2f}% top-5 {fp32['top5']:.2f}% "
-          f"({fp32['num_images']} images)")
+    payload = work.base_result("ranking", {
+        **dataclasses.asdict(config.ptq), **{k: v for k, v in dataclasses.asdict(config).items()
+                                              if k not in ("workload", "ptq")}})
+    payload.update({"fp32_top1": fp32["top1"], "fp32_top5": fp32["top5"], "rows": rows, "blocks": blocks,
+                    "num_agreement_images": len(agreement_images),
+                    "wall_times_s": {"calibration": calibration_s, "total": time.perf_counter() - started}})
+    _plot(f"{out}/ranking.png", rows, work.spec.name)
+    payload["results_path"] = common.write_json_atomic(f"{out}/results.json", payload)
+    return payload
+
+
+def main(argv):
+    del argv
+    r = run(config_from_flags())
+    print(f"{r['model']}: FP32 top-1 {r['fp32_top1']:.2f}% top-5 {r['fp32_top5']:.2f}% "
+          f"({r['num_eval_images']} images)")
     print(f"{'bits':>5} {'method':>9} {'top-1':>7} {'top-5':>7} {'kept order':>11} {'logit corr':>11}")
-    for r in rows:
-        print(f"{'W%dA%d' % (r['bits'], r['bits']):>5} {r['method']:>9} {r['top1']:7.2f} {r['top5']:7.2f} "
-              f"{100 * r['kept_order']:10.2f}% {r['logit_similarity']:11.4f}")
-    print(f"-> {path}")
+    for row in r["rows"]:
+        print(f"{'W%dA%d' % (row['bits'], row['bits']):>5} {row['method']:>9} {row['top1']:7.2f} {row['top5']:7.2f} "
+              f"{100 * row['kept_order']:10.2f}% {row['logit_similarity']:11.4f}")
+    print(f"-> {r['results_path']}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run_main(main)

@@ -12,13 +12,15 @@ WORKDIR/sensitivity/results.json and sensitivity.png (per-layer bars, Figure 3).
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from typing import Any, Callable
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from eqjax import sensitivity
-from experiments import common, setup as setup_lib
+from eqjax import ptq, sensitivity
+from experiments import common, workload as workload_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("bits", ["4", "6", "8"], "Bit widths to sweep (all in one call).")
@@ -28,7 +30,32 @@ flags.DEFINE_bool("include_matmuls", False, "Also sweep the attention matmuls.")
 flags.DEFINE_string("workdir", "runs/default", "Output folder; results go to WORKDIR/sensitivity/.")
 
 
-def _plot(path, result, metric, bits, title):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SensitivityRunConfig:
+    workload: workload_lib.WorkloadConfig
+    ptq: ptq.PTQConfig  # estimators of the calibration (bits are the sweep's)
+    bits: tuple[int, ...] = (4, 6, 8)
+    rank_metric: str = "l2"
+    rank_bits: int = 4
+    include_matmuls: bool = False
+    workdir: str = "runs/default"
+
+    def __post_init__(self):
+        if self.rank_metric not in sensitivity.METRICS:
+            raise ValueError(f"--rank_metric must be one of {sensitivity.METRICS}, got {self.rank_metric!r}")
+        if self.rank_bits not in self.bits:
+            raise ValueError(f"--rank_bits={self.rank_bits} is not among --bits={','.join(map(str, self.bits))}")
+
+
+def config_from_flags() -> SensitivityRunConfig:
+    return SensitivityRunConfig(
+        workload=workload_lib.workload_config_from_flags(),
+        ptq=workload_lib.ptq_config_from_flags(w_bits=8, a_bits=8, keep_first_last_bits=None),
+        bits=workload_lib.parse_bits(FLAGS.bits), rank_metric=FLAGS.rank_metric, rank_bits=FLAGS.rank_bits,
+        include_matmuls=FLAGS.include_matmuls, workdir=FLAGS.workdir)
+
+
+def _plot(path, result, metric, title):
     plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(max(8, 0.25 * len(result.layers)), 4))
     width = 0.8 / len(result.bits)
@@ -42,32 +69,39 @@ def _plot(path, result, metric, bits, title):
     common.save_figure(fig, path)
 
 
-def main(argv):
-    del argv
-    bits = setup_lib.parse_bits(FLAGS.bits)
-    if FLAGS.rank_bits not in bits:
-        raise ValueError(f"--rank_bits={FLAGS.rank_bits} is not among --bits={','.join(map(str, bits))}")
-    setup = setup_lib.prepare()
-    stats, calibration_s = setup_lib.collect_stats(setup)
+def run(config: SensitivityRunConfig, *, log: Callable[[str], None] = common.log) -> dict[str, Any]:
+    """Sweeps every layer at every bit width; writes WORKDIR/sensitivity/results.json and the plot."""
+    out = common.output_dir(config.workdir, "sensitivity")
+    work = workload_lib.open_workload(config.workload, log=log)
+    stats, calibration_s = work.collect_stats()
     start = time.perf_counter()
-    result = setup_lib.run_sweep(setup, stats, bits, include_matmuls=FLAGS.include_matmuls)
+    result = work.sweep(stats, config.ptq, config.bits, include_matmuls=config.include_matmuls)
     sweep_s = time.perf_counter() - start
 
-    table = result.table(FLAGS.rank_metric, FLAGS.rank_bits)
-    ranked = sorted(table, key=table.get, reverse=FLAGS.rank_metric != "top1_agreement")
-    print(f"{setup.spec.name}: {FLAGS.rank_metric} at {FLAGS.rank_bits} bits on {result.num_images} images")
-    print("most sensitive:  " + ", ".join(f"{n} ({table[n]:.4g})" for n in ranked[:5]))
-    print("most robust:     " + ", ".join(f"{n} ({table[n]:.4g})" for n in ranked[::-1][:5]))
-    out = common.output_dir(FLAGS.workdir, "sensitivity")
-    _plot(f"{out}/sensitivity.png", result, FLAGS.rank_metric, bits,
-          f"{setup.spec.name}: layer sensitivity ({FLAGS.rank_metric})")
-    payload = setup_lib.base_result(setup, "sensitivity", ("bits", "rank_metric", "rank_bits",
-                                                           "include_matmuls", "workdir"))
+    table = result.table(config.rank_metric, config.rank_bits)
+    ranked = sorted(table, key=table.get, reverse=config.rank_metric != "top1_agreement")
+    _plot(f"{out}/sensitivity.png", result, config.rank_metric,
+          f"{work.spec.name}: layer sensitivity ({config.rank_metric})")
+    payload = work.base_result("sensitivity", {
+        **dataclasses.asdict(config.ptq), "bits": list(config.bits), "rank_metric": config.rank_metric,
+        "rank_bits": config.rank_bits, "include_matmuls": config.include_matmuls, "workdir": config.workdir})
     payload.update({"sensitivity": result.to_dict(), "most_sensitive": ranked[:5], "most_robust": ranked[::-1][:5],
+                    "ranking_scores": {n: table[n] for n in ranked},
                     "wall_times_s": {"calibration": calibration_s, "sweep": sweep_s}})
-    path = common.write_json_atomic(f"{out}/results.json", payload)
-    print(f"wrote {path} and {out}/sensitivity.png ({sweep_s:.1f} s sweep)")
+    payload["results_path"] = common.write_json_atomic(f"{out}/results.json", payload)
+    return payload
+
+
+def main(argv):
+    del argv
+    config = config_from_flags()
+    r = run(config)
+    scores = r["ranking_scores"]
+    print(f"{r['model']}: {config.rank_metric} at {config.rank_bits} bits on {r['sensitivity']['num_images']} images")
+    print("most sensitive:  " + ", ".join(f"{n} ({scores[n]:.4g})" for n in r["most_sensitive"]))
+    print("most robust:     " + ", ".join(f"{n} ({scores[n]:.4g})" for n in r["most_robust"]))
+    print(f"wrote {r['results_path']} and sensitivity.png ({r['wall_times_s']['sweep']:.1f} s sweep)")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run_main(main)

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import app, flags, logging
+from absl import flags, logging
 from jax.sharding import NamedSharding, PartitionSpec
 
 from eqjax import checkpoint, data, metrics, models, training
@@ -174,8 +174,8 @@ def _compute_dtype(name: str):
 
 
 def _load_split(text: str, flag: str, num: int | None, num_flag: str, seed: int, pre: models.Preprocessing):
-    source = data.open_dataset(text, flag=flag)
-    indices = data.sample_indices(len(source), num, seed=seed, flag=num_flag)
+    source = data.open_dataset(text, name=f"--{flag}")
+    indices = data.sample_indices(len(source), num, seed=seed, name=f"--{num_flag}")
     labels = source.labels[indices].astype(np.int32)
     if labels.min() < 0:
         raise ValueError(f"--{flag}={text} has unlabelled images; training and evaluation need labels")
@@ -292,7 +292,9 @@ def run(config: TrainConfig, *, model_overrides: dict[str, Any] | None = None,
         checkpoints.close()
 
 
-def _train(config, spec, out, checkpoints, model_overrides, on_step, started):
+def _load_data(config: TrainConfig, spec: models.ModelSpec):
+    """Training and evaluation images (uint8, decoded once), labels, classes, and the
+    normalisation computed from the training images."""
     geometry = models.Preprocessing(spec.input_size, (0.0,) * 3, (1.0,) * 3)
     train_images, train_labels = _load_split(config.dataset, "dataset", config.train_images, "train_images",
                                              config.seed, geometry)
@@ -303,6 +305,11 @@ def _train(config, spec, out, checkpoints, model_overrides, on_step, started):
         if labels.max() >= num_classes:
             raise ValueError(f"--{flag} has labels up to {labels.max()}, but --num_classes={num_classes}")
     mean, std = _channel_stats(train_images)
+    return (train_images, train_labels), (eval_images, eval_labels), num_classes, mean, std
+
+
+def _train(config, spec, out, checkpoints, model_overrides, on_step, started):
+    (train_images, train_labels), (eval_images, eval_labels), num_classes, mean, std = _load_data(config, spec)
     preprocessing = models.Preprocessing(spec.input_size, mean, std, 1.0, "bilinear")
 
     steps_per_epoch = len(train_images) // config.batch_size
@@ -343,13 +350,14 @@ def _train(config, spec, out, checkpoints, model_overrides, on_step, started):
     meta = lambda: {"config": _fingerprint(config), "curve": curve}
 
     mean_array, std_array = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
-    eval_logits = lambda v, x: eval_model.apply(v, training.normalize(x, mean_array, std_array))
+    evaluator = metrics.make_evaluator(  # uint8 batches, normalised on the device as in training
+        lambda v, x: eval_model.apply(v, training.normalize(x, mean_array, std_array)), mesh=mesh)
 
-    def evaluate(state):  # uint8 batches, normalised on the device as in training
+    def evaluate(state):
         batches = ((eval_images[i:i + config.batch_size], eval_labels[i:i + config.batch_size])
                    for i in range(0, len(eval_images), config.batch_size))
-        return metrics.evaluate(eval_logits, state.variables, batches, batch_size=config.batch_size,
-                                num_classes=num_classes, num_images=len(eval_images), label="eval", mesh=mesh)
+        return evaluator(state.variables, batches, batch_size=config.batch_size, num_classes=num_classes,
+                         on_progress=common.progress_logger("eval", len(eval_images)))
 
     step = int(state.step)
     common.log(f"training {spec.name} ({num_classes} classes, {dtype.name}) on {len(train_images)} images: "
@@ -419,4 +427,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run_main(main)

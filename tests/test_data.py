@@ -44,9 +44,11 @@ def test_parse_spec(text, expected):
 
 
 @pytest.mark.parametrize("text", ["cifar100", "zip:a.zip", "folder:", "tfds:", "pkg:mnist"])
-def test_parse_spec_errors_name_the_flag(text):
-    with pytest.raises(ValueError, match="--calib_dataset="):
-        data.parse_spec(text, flag="calib_dataset")
+def test_parse_spec_errors_name_the_argument(text):
+    with pytest.raises(ValueError, match="^calib_dataset="):
+        data.parse_spec(text, name="calib_dataset")
+    with pytest.raises(ValueError, match="^--calib_dataset="):  # as the scripts call it
+        data.parse_spec(text, name="--calib_dataset")
 
 
 def test_tar_classes_are_sorted(tar_dataset):
@@ -90,13 +92,13 @@ def test_preprocess_resize_crop_normalize():
 def test_sampling_is_deterministic_and_calibration_disjoint(tar_dataset):
     a = data.sample_indices(100, 10, seed=3)
     assert np.array_equal(a, data.sample_indices(100, 10, seed=3)) and len(set(a)) == 10
-    with pytest.raises(ValueError, match="--eval_images=200 but the dataset has 100"):
-        data.sample_indices(100, 200, flag="eval_images")
+    with pytest.raises(ValueError, match="^eval_images=200 but the dataset has 100"):
+        data.sample_indices(100, 200, name="eval_images")
     source = data.open_dataset(f"tar:{tar_dataset}")
     other = data.open_dataset(f"tar:{tar_dataset}")
     calib = data.calibration_indices(source, 2, eval_source=other, eval_indices=[0, 1, 2, 3])
     assert set(calib) == {4, 5}
-    with pytest.raises(ValueError, match="--calib_images=3 but only 2 images"):
+    with pytest.raises(ValueError, match="^num=3 but only 2 images"):
         data.calibration_indices(source, 3, eval_source=other, eval_indices=[0, 1, 2, 3])
 
 

@@ -126,7 +126,7 @@ def test_bad_input(tmp_path):
     counts = energy.count_layers(spec.build(), spec.example_input(1))
     bits = _uniform(spec, 8)
     bits["layer9.conv"] = bits.pop("conv1")
-    with pytest.raises(ValueError, match=r"not in the model \(1\): layer9.conv; model layers without bits \(1\): conv1"):
+    with pytest.raises(ValueError, match=r"not in the model \(1\): layer9.conv \(closest: layer4.1.conv2.*\); model layers without bits \(1\): conv1"):
         energy.energy_report(counts, bits, PAPER)
     path = tmp_path / "e.json"
     path.write_text(json.dumps({"name": "mine", "unit": "pJ", "mac_product": 1.0, "bogus": 2}))

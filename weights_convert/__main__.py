@@ -14,6 +14,7 @@ Writes DIR/variables (orbax) and DIR/eqjax_checkpoint.json (model, classes, prep
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from absl import app, flags, logging
 
@@ -49,6 +50,8 @@ def main(argv):
     del argv
     if bool(_CHECKPOINT.value) == _TIMM.value:
         raise app.UsageError("give exactly one of --checkpoint=PATH or --timm_pretrained")
+    if os.path.exists(_OUT.value) and not _OVERWRITE.value:
+        raise app.UsageError(f"--out={_OUT.value} exists; pass --overwrite to replace it")
     spec = models.get(_MODEL.value)
     if _TIMM.value:
         state_dict, source = timm_state_dict(spec.name), f"timm:{spec.timm_name}"

@@ -1,0 +1,470 @@
+"""Reconstruction PTQ of any Flax model, unit by unit: AdaRound, BRECQ and QDrop.
+
+A *unit* is a block of the model (a ResNet BasicBlock, an EfficientNet block, a ViT block:
+whatever ``is_block`` selects) or a single quantizable layer outside every block. Units are
+reconstructed in forward order. For unit k, with ``x_q`` its input in the model whose earlier
+units are already quantized and ``x_fp`` its full-precision input, minimise
+
+    ||unit_q(x) − unit_fp(x_fp)||²  +  λ · Σ (1 − |2h(V) − 1|^β)
+
+over the rounding variables V of every weight in the unit (AdaRound, see
+:mod:`eqjax.reconstruction_core`) and, for BRECQ and QDrop, the log activation clips of every
+layer input in the unit (LSQ gradients through :func:`eqjax.numerics.fake_quant`), with Adam
+(optax) on mini-batches of the calibration images. ``x`` is ``x_q`` (AdaRound, BRECQ) or,
+for QDrop, ``x_q`` with each element replaced by ``x_fp`` with probability ``p``; QDrop also
+drops the quantization of each activation inside the unit with probability ``p``.
+
+* ``adaround``: every layer is its own unit, activation clips stay as calibrated;
+* ``brecq``:    blocks as units, clips learned jointly (Li et al., ICLR 2021);
+* ``qdrop``:    as brecq, with drop probability ``p`` (0.5; Wei et al., ICLR 2022); p = 0 is brecq.
+
+Weight scales stay at the calibrated per-channel values; the rounding becomes hard at the
+end. Bits are data and units of one architecture share one compiled step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from eqjax import apply, calibration, intercept, numerics
+from eqjax import reconstruction_core as core
+from eqjax.policy import LayerQuant, Policy
+
+METHODS = ("adaround", "brecq", "qdrop")
+
+__all__ = ["METHODS", "ReconstructionConfig", "Unit", "ReconstructionResult", "find_units", "reconstruct",
+           "quantized_variables", "save", "load"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ReconstructionConfig:
+    """How to reconstruct. Checked on construction (errors name the field).
+
+    Attributes:
+      method: ``adaround``, ``brecq`` or ``qdrop``.
+      iterations: Adam steps per unit.
+      batch_size: calibration images per step.
+      rounding_lr: Adam learning rate of the rounding variables V.
+      clip_lr: Adam learning rate of the log activation clips (brecq, qdrop).
+      rounding_weight: λ of the rounding regularizer.
+      warmup: share of the iterations without the regularizer.
+      beta: (start, end) of the annealed exponent β.
+      drop_prob: QDrop's p (qdrop only; 0 makes it brecq).
+      seed: mini-batches and QDrop masks.
+    """
+
+    method: str = "brecq"
+    iterations: int = 1000
+    batch_size: int = 32
+    rounding_lr: float = 1e-3
+    clip_lr: float = 1e-3
+    rounding_weight: float = 0.01
+    warmup: float = 0.2
+    beta: tuple[float, float] = (20.0, 2.0)
+    drop_prob: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        for name in ("iterations", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("rounding_lr", "clip_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not self.rounding_weight >= 0:
+            raise ValueError(f"rounding_weight must be >= 0, got {self.rounding_weight}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"warmup must be in [0, 1), got {self.warmup}")
+        if not 0.0 <= self.drop_prob < 1.0:
+            raise ValueError(f"drop_prob must be in [0, 1), got {self.drop_prob}")
+
+    @property
+    def learns_clips(self) -> bool:
+        return self.method != "adaround"
+
+    @property
+    def effective_drop_prob(self) -> float:
+        return self.drop_prob if self.method == "qdrop" else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """A reconstruction unit: its module path, an unbound copy of its module, the non-array
+    arguments it is called with, and the global names of its quantizable layers."""
+
+    path: str
+    module: nn.Module
+    static_args: tuple
+    layers: tuple[str, ...]
+
+    def local(self, name: str) -> str:
+        """The layer's name inside the unit ("" for a single-layer unit)."""
+        return "" if name == self.path else name[len(self.path) + 1:]
+
+
+def find_units(model: nn.Module, example: Any, policy: Mapping[str, LayerQuant], *,
+               is_block: Callable[[nn.Module], bool] | None = None,
+               blocks: Sequence[str] | None = None) -> list[Unit]:
+    """The units of ``model`` in forward order, traced abstractly.
+
+    Args:
+      example: an input batch (array or ShapeDtypeStruct).
+      policy: the layers to quantize (every one ends up in exactly one unit).
+      is_block: which modules are blocks; None makes every layer its own unit.
+      blocks: instead of ``is_block``, the module paths of the blocks.
+
+    Raises:
+      ValueError: a block path that names no module of the model.
+    """
+    wanted = set(blocks or ())
+    if blocks:
+        select_block = lambda name, module: name in wanted
+    else:
+        select_block = lambda name, module: is_block is not None and is_block(module)
+    found: dict[str, tuple[nn.Module, tuple, bool]] = {}  # path -> (unbound module, static args, is block)
+
+    def record(name, module, call, args, kwargs):
+        inside_block = any(name.startswith(p + ".") for p, (_, _, block) in found.items() if block)
+        if not inside_block and name not in found:
+            block = select_block(name, module)
+            if block or (isinstance(module, intercept.WEIGHTED_TYPES) and name in policy):
+                static = tuple(a for a in args[1:] if not hasattr(a, "shape"))  # e.g. train=False
+                found[name] = (module.clone(parent=None, name=None), static, block)
+        return call(*args, **kwargs)
+
+    example = jax.ShapeDtypeStruct(np.shape(example), getattr(example, "dtype", jnp.float32))
+    with intercept.intercept_calls(record, select=lambda module: True):
+        jax.eval_shape(lambda x: model.init(jax.random.key(0), x), example)
+    missing_blocks = sorted(wanted - set(found))
+    if missing_blocks:
+        raise ValueError(f"blocks that name no module of the model: {', '.join(missing_blocks)}")
+    units = []
+    for path, (module, static, block) in found.items():
+        layers = tuple(n for n in policy if n == path or (block and n.startswith(path + ".")))
+        if layers:
+            units.append(Unit(path, module, static, layers))
+    covered = {n for u in units for n in u.layers}
+    # Parameter-free layers outside every block (attention matmuls) keep their calibrated clips.
+    missing = [n for n, lq in policy.items() if n not in covered and bool(lq.w_enabled)]
+    if missing:
+        raise ValueError(f"policy layers in no unit (not called by the model?): {', '.join(missing)}")
+    return units
+
+
+@dataclasses.dataclass
+class ReconstructionResult:
+    """Output of :func:`reconstruct`.
+
+    Attributes:
+      policy: the input policy with the learned activation clips.
+      rounding: ``{layer: int8 [kernel shape]}``, 1 where the weight rounds up (floor + 1).
+      weight_scales: ``{layer: float32 [out]}`` the per-channel scales used.
+      units: per unit: path, layers, loss before/after, iterations, seconds, stopped.
+      info: method, iterations, images, wall time (for results.json).
+    """
+
+    policy: Policy
+    rounding: dict[str, np.ndarray]
+    weight_scales: dict[str, np.ndarray]
+    units: list[dict[str, Any]]
+    info: dict[str, Any]
+
+
+def _channel_scale(scale: jax.Array, kernel: jax.Array) -> jax.Array:
+    """A per-output-channel scale [out] shaped to broadcast against its kernel [..., out]."""
+    return jnp.reshape(scale, (1,) * (kernel.ndim - 1) + (-1,))
+
+
+def _sub_variables(variables: Mapping, path: str) -> dict:
+    return {c: intercept.module_variables(variables, path, collection=c) for c in variables
+            if intercept.module_variables(variables, path, collection=c) is not None}
+
+
+def _kernels(sub_vars: Mapping, local_names: Sequence[str], scales, v, q_ranges, hard) -> dict:
+    """Unit variables with each weighted layer's kernel AdaRound-quantized."""
+    out = dict(sub_vars)
+    for name in local_names:
+        kernel = intercept.module_variables(sub_vars, name)["kernel"]
+        q_min, q_max = q_ranges[name]
+        quantized = core.adaround_weights(kernel, _channel_scale(scales[name], kernel), v[name], q_min, q_max,
+                                          hard=hard)
+        out = intercept.replace_module_variable(out, name, "kernel", quantized.astype(kernel.dtype))
+    return out
+
+
+def _unit_forward(unit_module, static_args, sub_vars, policy, state, scales, x, key, drop_prob, *,
+                  quantize: bool = True, hard=False):
+    """The unit on ``x``: full precision, or with AdaRound weights and (learned) clips, QDrop'd."""
+    if not quantize:
+        return unit_module.apply(sub_vars, x, *static_args)
+    q_ranges = {n: numerics.quant_range(policy[n].w_bits) for n in state["v"]}
+    variables = _kernels(sub_vars, list(state["v"]), scales, state["v"], q_ranges, hard)
+    keys = iter(jax.random.split(key, 4 * len(policy) + 1))
+
+    def quantize_inputs(name, module, call, args, kwargs):
+        lq = policy[name]
+        if name in state["a"]:
+            lq = lq._replace(a_clip=jnp.exp(state["a"][name]))
+        quantized = apply.quantize_layer_inputs(lq, args)
+        mixed = [core.drop_quantization(next(keys), a, q, drop_prob) for a, q in zip(args, quantized)]
+        return call(*mixed, **kwargs)
+
+    with intercept.intercept_calls(quantize_inputs):
+        return unit_module.apply(variables, x, *static_args)
+
+
+@functools.lru_cache(maxsize=32)
+def _unit_functions(unit_module: nn.Module, static_args: tuple):
+    """Jitted step, loss and forwards of one unit architecture (equal units: one compilation)."""
+
+    def objective(state, sub_vars, policy, scales, x, target, key, drop_prob, beta, reg_on, weight):
+        out = _unit_forward(unit_module, static_args, sub_vars, policy, state, scales, x, key, drop_prob)
+        error = core.reconstruction_error(out, target)
+        reg = sum((core.rounding_regularizer(v, beta) for v in state["v"].values()), jnp.zeros(()))
+        return error + jnp.where(reg_on, weight, 0.0) * reg, error
+
+    def step(state, opt_state, sub_vars, policy, scales, x_q, x_fp, target, key, step_index, hyper):
+        beta, reg_on = core.beta_schedule(step_index, hyper["iterations"], warmup=hyper["warmup"],
+                                          start=hyper["beta_start"], end=hyper["beta_end"])
+        input_key, key = jax.random.split(key)
+        x = core.drop_quantization(input_key, x_fp, x_q, hyper["drop_prob"])
+        (loss, error), grads = jax.value_and_grad(objective, has_aux=True)(
+            state, sub_vars, policy, scales, x, target, key, hyper["drop_prob"], beta, reg_on,
+            hyper["rounding_weight"])
+        with jax.numpy_dtype_promotion("standard"):  # optax mixes int counts and float rates
+            updates, opt_state = _optimizer(hyper["rounding_lr"], hyper["clip_lr"]).update(grads, opt_state, state)
+        return optax.apply_updates(state, updates), opt_state, loss, error
+
+    def error(state, sub_vars, policy, scales, x, target, hard):
+        out = _unit_forward(unit_module, static_args, sub_vars, policy, state, scales, x, jax.random.key(0),
+                            0.0, hard=hard)
+        return core.reconstruction_error(out, target)
+
+    def fp_forward(sub_vars, x):
+        return unit_module.apply(sub_vars, x, *static_args)
+
+    return jax.jit(step), jax.jit(error), jax.jit(fp_forward)
+
+
+def _optimizer(rounding_lr, clip_lr) -> optax.GradientTransformation:
+    return optax.multi_transform({"v": optax.adam(rounding_lr), "a": optax.adam(clip_lr)},
+                                 lambda state: {k: jax.tree_util.tree_map(lambda _: k, state[k]) for k in state})
+
+
+@functools.lru_cache(maxsize=8)
+def _capture_function(model: nn.Module, paths: tuple[str, ...]):
+    """Jitted ``(variables, policy, images) -> {path: input of unit path}``, quantized by ``policy``
+    (its kernels already in ``variables``)."""
+
+    def capture(variables, policy, images):
+        captured = {}
+
+        def record(name, module, call, args, kwargs):
+            if name in paths and name not in captured:
+                captured[name] = args[0]
+            return call(*args, **kwargs)
+
+        with intercept.intercept_calls(record, select=lambda module: True):
+            apply.quantized_apply(model, variables, policy, images, quantize_kernels=False)
+        return captured
+
+    return jax.jit(capture)
+
+
+def _batched(fn: Callable[[np.ndarray], Any], x: np.ndarray, batch_size: int) -> np.ndarray:
+    return np.concatenate([np.asarray(fn(x[i:i + batch_size])) for i in range(0, len(x), batch_size)])
+
+
+def _disabled(policy: Policy) -> Policy:
+    return {n: lq._replace(w_enabled=jnp.asarray(False), a_enabled=jnp.asarray(False)) for n, lq in policy.items()}
+
+
+def check_policy(policy: Mapping[str, LayerQuant]) -> None:
+    """Raises ValueError for a policy that was never calibrated (NaN clips) before long work."""
+    bad = [n for n, lq in policy.items()
+           if bool(lq.a_enabled) and not bool(np.all(np.isfinite(np.asarray(lq.a_clip))))]
+    if bad:
+        raise ValueError(f"policy is not calibrated ({len(bad)} layers without activation clips, e.g. "
+                         f"{', '.join(bad[:3])}): calibrate it first (eqjax.ptq.calibrate)")
+
+
+def reconstruct(model: nn.Module, variables: Mapping, policy: Policy, images: np.ndarray,
+                config: ReconstructionConfig = ReconstructionConfig(), *,
+                is_block: Callable[[nn.Module], bool] | None = None, blocks: Sequence[str] | None = None,
+                weight_method: str = "absmax",
+                on_progress: Callable[[dict[str, Any]], None] | None = None) -> ReconstructionResult:
+    """Reconstructs every unit of ``model`` in forward order (see the module docstring).
+
+    Args:
+      model, variables: the full-precision model.
+      policy: a calibrated policy (bits, clips to start from; the first/last rule included).
+      images: calibration images [N, H, W, C], preprocessed.
+      config: method and optimisation settings.
+      is_block / blocks: which modules are blocks (ignored by ``adaround``: layer by layer).
+      weight_method: the per-channel weight scale estimator (scales stay fixed).
+      on_progress: called after each unit and every 100 steps with ``{'unit', 'index',
+        'units', 'step', 'iterations', 'error', 'eta_s'}``.
+
+    Returns:
+      :class:`ReconstructionResult`; :func:`quantized_variables` gives the model's weights.
+
+    Raises:
+      ValueError: an uncalibrated policy, blocks that name no module, no images.
+    """
+    check_policy(policy)
+    calibration._check_method(weight_method)
+    images = np.asarray(images)
+    if len(images) == 0:
+        raise ValueError("no calibration images")
+    if config.method == "adaround":
+        is_block, blocks = None, None
+    units = find_units(model, images[:1], policy, is_block=is_block, blocks=blocks)
+    started = time.perf_counter()
+    rng = np.random.default_rng(config.seed)
+    key = jax.random.key(config.seed)
+    hyper = {"iterations": jnp.float32(config.iterations), "warmup": jnp.float32(config.warmup),
+             "beta_start": jnp.float32(config.beta[0]), "beta_end": jnp.float32(config.beta[1]),
+             "drop_prob": jnp.float32(config.effective_drop_prob),
+             "rounding_weight": jnp.float32(config.rounding_weight),
+             "rounding_lr": jnp.float32(config.rounding_lr), "clip_lr": jnp.float32(config.clip_lr)}
+    capture = _capture_function(model, tuple(u.path for u in units))
+    policy = dict(policy)
+    qvars = variables  # kernels of finished units replaced by their hard-rounded values
+    rounding, weight_scales, reports = {}, {}, []
+    batch = min(config.batch_size, len(images))
+    for index, unit in enumerate(units):
+        unit_start = time.perf_counter()
+        x_fp = _batched(lambda x: capture(variables, _disabled(policy), x)[unit.path], images, 64)
+        x_q = _batched(lambda x: capture(qvars, policy, x)[unit.path], images, 64)
+        sub_vars = _sub_variables(variables, unit.path)
+        local_policy = {unit.local(n): policy[n] for n in unit.layers}
+        weighted = [unit.local(n) for n in unit.layers if bool(policy[n].w_enabled)]
+        scales = {n: calibration.estimate_scale(intercept.module_variables(sub_vars, n)["kernel"],
+                                                local_policy[n].w_bits, method=weight_method, axis=-1)
+                  for n in weighted}
+        kernels = {n: intercept.module_variables(sub_vars, n)["kernel"] for n in weighted}
+        state = {"v": {n: core.init_rounding(kernels[n], _channel_scale(scales[n], kernels[n])) for n in weighted},
+                 "a": {n: jnp.log(local_policy[n].a_clip) for n in local_policy
+                       if config.learns_clips and bool(local_policy[n].a_enabled)}}
+        if not state["v"] and not state["a"]:
+            continue  # nothing to learn (e.g. a unit whose layers are all disabled)
+        step, error_fn, fp_forward = _unit_functions(unit.module, unit.static_args)
+        target = _batched(lambda x: fp_forward(sub_vars, x), x_fp, 64)
+        fixed = np.arange(min(len(images), 64))
+        before = float(error_fn(state, sub_vars, local_policy, scales, x_q[fixed], target[fixed], True))
+        init_state, opt_state = state, _optimizer(config.rounding_lr, config.clip_lr).init(state)
+        stopped = None
+        for it in range(config.iterations):
+            idx = np.sort(rng.choice(len(images), batch, replace=False))
+            key, sub = jax.random.split(key)
+            state, opt_state, loss, err = step(state, opt_state, sub_vars, local_policy, scales, x_q[idx],
+                                               x_fp[idx], target[idx], sub, jnp.float32(it), hyper)
+            if (it + 1) % 100 == 0 or it + 1 == config.iterations:
+                loss = float(loss)
+                if not np.isfinite(loss):
+                    stopped = {"step": it + 1, "loss": loss}
+                    state = init_state  # keep the calibrated (nearest-rounding) state
+                    break
+                if on_progress is not None:
+                    done = index + (it + 1) / config.iterations
+                    elapsed = time.perf_counter() - started
+                    on_progress({"unit": unit.path, "index": index, "units": len(units), "step": it + 1,
+                                 "iterations": config.iterations, "error": float(err),
+                                 "eta_s": elapsed / done * (len(units) - done)})
+        after = float(error_fn(state, sub_vars, local_policy, scales, x_q[fixed], target[fixed], True))
+        for local in weighted:
+            name = f"{unit.path}.{local}" if local else unit.path
+            kernel = intercept.module_variables(sub_vars, local)["kernel"]
+            rounding[name] = np.asarray(state["v"][local] >= 0).astype(np.int8)
+            weight_scales[name] = np.asarray(scales[local], np.float32)
+            q_min, q_max = numerics.quant_range(local_policy[local].w_bits)
+            hard = core.adaround_weights(kernel, _channel_scale(scales[local], kernel), state["v"][local], q_min,
+                                         q_max, hard=True)
+            qvars = intercept.replace_module_variable(qvars, name, "kernel", hard.astype(kernel.dtype))
+        for local, log_clip in state["a"].items():
+            name = f"{unit.path}.{local}" if local else unit.path
+            policy[name] = policy[name]._replace(a_clip=jnp.exp(log_clip).astype(jnp.float32))
+        reports.append({"unit": unit.path, "layers": list(unit.layers), "error_nearest": before,
+                        "error_after": after, "iterations": config.iterations, "stopped": stopped,
+                        "seconds": time.perf_counter() - unit_start})
+        if on_progress is not None:
+            on_progress({"unit": unit.path, "index": index + 1, "units": len(units), "step": config.iterations,
+                         "iterations": config.iterations, "error": after, "done": True,
+                         "error_nearest": before, "eta_s": (time.perf_counter() - started) / (index + 1)
+                         * (len(units) - index - 1)})
+    info = {"method": config.method, "iterations": config.iterations, "calibration_images": int(len(images)),
+            "batch_size": batch, "drop_prob": config.effective_drop_prob, "units": len(units),
+            "weight_method": weight_method, "wall_time_s": time.perf_counter() - started,
+            "config": {**dataclasses.asdict(config)},
+            "stopped_units": [r["unit"] for r in reports if r["stopped"]]}
+    return ReconstructionResult(policy, rounding, weight_scales, reports, info)
+
+
+def quantized_variables(variables: Mapping, policy: Mapping[str, LayerQuant],
+                        rounding: Mapping[str, np.ndarray], weight_scales: Mapping[str, np.ndarray]) -> dict:
+    """The model's variables with each reconstructed kernel ``s · clamp(floor(w/s) + up, q_min, q_max)``."""
+    out = dict(variables)
+    for name, up in rounding.items():
+        kernel = intercept.module_variables(variables, name)["kernel"]
+        scale = _channel_scale(jnp.asarray(weight_scales[name]), kernel)
+        q_min, q_max = (jnp.reshape(q, (1,) * kernel.ndim) for q in numerics.quant_range(policy[name].w_bits))
+        base = jnp.floor(numerics._scaled(kernel.astype(jnp.float32), scale))
+        quantized = jnp.clip(base + jnp.asarray(up, jnp.float32), q_min, q_max) * scale
+        out = intercept.replace_module_variable(out, name, "kernel", quantized.astype(kernel.dtype))
+    return out
+
+
+STATE_FILE = "reconstruction.json"
+
+
+def save(directory: str, result: ReconstructionResult) -> str:
+    """Writes the reconstructed state (rounding, weight scales, clips, bits, info) with orbax."""
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(directory)
+    arrays = {"rounding": result.rounding, "weight_scales": result.weight_scales,
+              "a_clip": {n: np.asarray(lq.a_clip) for n, lq in result.policy.items()},
+              "a_signed": {n: np.asarray(lq.a_signed) for n, lq in result.policy.items()}}
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(directory, "arrays"), arrays, force=True)
+    checkpointer.wait_until_finished()
+    bits = {n: [int(lq.w_bits), int(lq.a_bits)] for n, lq in result.policy.items()}
+    with open(os.path.join(directory, STATE_FILE), "w") as f:
+        json.dump({"info": result.info, "units": result.units, "bits": bits}, f, indent=1, default=str)
+    return directory
+
+
+def load(directory: str, policy: Policy) -> ReconstructionResult:
+    """Reads :func:`save`'s state for ``policy`` (same layers and bits, else ValueError)."""
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(directory)
+    meta_path = os.path.join(directory, STATE_FILE)
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(f"{directory} holds no reconstructed state (no {STATE_FILE})")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    bits = {n: [int(lq.w_bits), int(lq.a_bits)] for n, lq in policy.items()}
+    if meta["bits"] != bits:
+        different = sorted(n for n in set(bits) | set(meta["bits"]) if bits.get(n) != meta["bits"].get(n))
+        raise ValueError(f"the reconstructed state in {directory} was made for other layers or bits "
+                         f"({', '.join(different[:5])}): reconstruct again for this policy")
+    arrays = ocp.StandardCheckpointer().restore(os.path.join(directory, "arrays"))
+    new_policy = {n: lq._replace(a_clip=jnp.asarray(arrays["a_clip"][n]), a_signed=jnp.asarray(arrays["a_signed"][n]))
+                  for n, lq in policy.items()}
+    return ReconstructionResult(new_policy, {n: np.asarray(v) for n, v in arrays["rounding"].items()},
+                                {n: np.asarray(v) for n, v in arrays["weight_scales"].items()},
+                                meta["units"], meta["info"])

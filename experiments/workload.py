@@ -1,0 +1,234 @@
+"""The workload that ptq, sensitivity, mixed and ranking share: a model with weights, its
+calibration and evaluation images. Its flags, the frozen configs they become, and the steps
+(calibrate, evaluate, energy, sensitivity) as calls of :mod:`eqjax.ptq`.
+
+FLAGS are read in :func:`workload_config_from_flags` and :func:`ptq_config_from_flags` only;
+everything else takes a config, so every script runs in-process from a test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+import numpy as np
+from absl import flags
+
+from eqjax import calibration, data, energy, metrics, models, numerics, policy as policy_lib, ptq
+from experiments import common
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("model", "efficientnet_lite0", list(models.names()), "Registry name of the model.")
+flags.DEFINE_string("weights", None, common.WEIGHTS_HELP)
+flags.DEFINE_string("dataset", "pkg:foolbox_imagenet", "Evaluation dataset spec (eqjax.data).")
+flags.DEFINE_string("calib_dataset", "pkg:skimage", "Calibration dataset spec.")
+flags.DEFINE_integer("calib_images", None, "Calibration images (default 256, or all if fewer).")
+flags.DEFINE_integer("eval_images", None, "Evaluation images (default all).")
+flags.DEFINE_enum("calib_method", "absmax", list(calibration.METHODS), "Activation clip estimator.")
+flags.DEFINE_enum("weight_method", "absmax", list(calibration.METHODS), "Weight scale estimator.")
+flags.DEFINE_bool("unsigned_activations", True, "Unsigned grid for inputs that are never negative.")
+flags.DEFINE_bool("quantize_matmuls", True, "Quantize the attention matmul operands of ViTs.")
+flags.DEFINE_integer("batch_size", 64, "Batch size (split over all local devices).")
+flags.DEFINE_integer("seed", 0, "Seed of image sampling.")
+flags.DEFINE_enum("energy_preset", "paper", list(energy.PRESETS), "Energy model of the results.")
+flags.DEFINE_integer("chunk_size", None, "Sensitivity-sweep configurations vmapped together (default 1 on CPU, 8 else).")
+
+DEFAULT_CALIB_IMAGES = 256  # the study's calibration set size
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WorkloadConfig:
+    """Which model, weights and images; field names are the flags'."""
+
+    model: str = "efficientnet_lite0"
+    weights: str | None = None
+    dataset: str = "pkg:foolbox_imagenet"
+    calib_dataset: str = "pkg:skimage"
+    calib_images: int | None = None
+    eval_images: int | None = None
+    batch_size: int = 64
+    seed: int = 0
+    energy_preset: str = "paper"
+    chunk_size: int | None = None
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"--batch_size must be >= 1, got {self.batch_size}")
+        for name in ("calib_images", "eval_images", "chunk_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be >= 1, got {value}")
+        energy.get_preset(self.energy_preset)
+        models.get(self.model)
+
+
+def workload_config_from_flags() -> WorkloadConfig:
+    return WorkloadConfig(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(WorkloadConfig)})
+
+
+def translate_errors(build: Callable[[], Any], flag_names: dict[str, str]) -> Any:
+    """``build()``, with a library error about argument ``a`` re-raised as one about ``--flag_names[a]``."""
+    try:
+        return build()
+    except (ValueError, TypeError) as e:
+        message = str(e)
+        for argument, flag in flag_names.items():
+            if message.startswith(argument + " "):
+                raise ValueError(f"--{flag}{message[len(argument):]}") from None
+        raise
+
+
+def ptq_config_from_flags(*, w_bits: int, a_bits: int, keep_first_last_bits: int | None,
+                          flag_names: dict[str, str] | None = None, **overrides) -> ptq.PTQConfig:
+    """A :class:`eqjax.ptq.PTQConfig` from the shared estimator flags and the given bits.
+
+    ``flag_names`` maps config fields to the flags that gave them (e.g. ``w_bits`` -> ``bits``).
+    """
+    names = {f.name: f.name for f in dataclasses.fields(ptq.PTQConfig)} | (flag_names or {})
+    fields = dict(w_bits=w_bits, a_bits=a_bits, keep_first_last_bits=keep_first_last_bits,
+                  calib_method=FLAGS.calib_method, weight_method=FLAGS.weight_method,
+                  unsigned_activations=FLAGS.unsigned_activations, quantize_matmuls=FLAGS.quantize_matmuls)
+    return translate_errors(lambda: ptq.PTQConfig(**(fields | overrides)), names)
+
+
+def parse_bits(values, flag="bits") -> tuple[int, ...]:
+    """Comma-separated bit widths of a list flag, each checked."""
+    try:
+        bits = tuple(int(v) for v in values)
+    except ValueError:
+        raise ValueError(f"--{flag} must be comma-separated integers, got {','.join(values)}") from None
+    if not bits:
+        raise ValueError(f"--{flag} is empty")
+    for b in bits:
+        numerics.check_bits(b, name=f"--{flag}")
+    return bits
+
+
+@dataclasses.dataclass
+class Workload:
+    """A model with weights, its evaluation and calibration images, ready to calibrate.
+
+    Holds one evaluator for FP32 and one for quantized states, so that evaluating any
+    number of policies compiles once.
+    """
+
+    config: WorkloadConfig
+    spec: models.ModelSpec
+    model: Any
+    variables: Any
+    num_classes: int
+    preprocessing: models.Preprocessing
+    weights_source: str
+    calls: list
+    eval_source: Any
+    eval_indices: np.ndarray
+    calib_source: Any
+    calib_indices: np.ndarray
+    log: Callable[[str], None] = common.log
+
+    def __post_init__(self):
+        self.fp32_evaluator = metrics.make_evaluator(lambda variables, x: self.model.apply(variables, x))
+        self.quantized_evaluator = metrics.make_evaluator(ptq.quantized_logits_fn(self.model))
+
+    def eval_batches(self):
+        return data.iterate_batches(self.eval_source, self.eval_indices, self.preprocessing,
+                                    batch_size=self.config.batch_size)
+
+    def calib_batches(self):
+        return data.iterate_batches(self.calib_source, self.calib_indices, self.preprocessing,
+                                    batch_size=self.config.batch_size)
+
+    @property
+    def layers(self) -> list[str]:
+        """The conv/dense layers (the study's "layers"), forward order."""
+        return list(dict.fromkeys(c.name for c in self.calls if c.kind != "matmul"))
+
+    def collect_stats(self) -> tuple[dict, float]:
+        """Activation statistics of the FP model on the calibration images, and the seconds taken."""
+        self.log(f"calibrating on {len(self.calib_indices)} images of {self.calib_source.spec}")
+        start = time.perf_counter()
+        stats = ptq.collect_statistics(self.model, self.variables, self.calib_batches(), calls=self.calls,
+                                       on_progress=common.progress_logger("calibration", len(self.calib_indices)))
+        return stats, time.perf_counter() - start
+
+    def calibrated(self, stats: dict, config: ptq.PTQConfig, policy: dict | None = None) -> dict:
+        """``policy`` (default: built from ``config``) with clips from ``stats``."""
+        if policy is None:
+            policy = ptq.build_policy(self.calls, config)
+        return ptq.with_clips(policy, stats, config)
+
+    def _evaluate(self, evaluator, state, label: str) -> dict:
+        result = evaluator(state, self.eval_batches(), batch_size=self.config.batch_size,
+                           num_classes=self.num_classes,
+                           on_progress=common.progress_logger(label, len(self.eval_indices)))
+        self.log(f"{label} top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}%")
+        return result
+
+    def evaluate_fp32(self) -> dict:
+        return self._evaluate(self.fp32_evaluator, self.variables, "fp32")
+
+    def quantize(self, policy: dict, config: ptq.PTQConfig, weight_scales: dict | None = None) -> ptq.QuantizedState:
+        return ptq.quantize(self.model, self.variables, policy, weight_method=config.weight_method,
+                            weight_scales=weight_scales)[1]
+
+    def evaluate_quantized(self, state: ptq.QuantizedState, label: str) -> dict:
+        return self._evaluate(self.quantized_evaluator, state, label)
+
+    def energy_of(self, bits: dict) -> dict:
+        """The ``energy`` field of results.json (batch 1, the config's preset)."""
+        model = energy.get_preset(self.config.energy_preset)
+        report = energy.energy_report(energy.count_layers(self.model, self.spec.example_input(1)), bits, model)
+        return {"model": model.to_dict(), "batch_size": 1,
+                **{k: report[k] for k in ("total", "mac", "memory", "relative", "mac_share", "memory_share",
+                                          "fp32_total", "per_layer")}}
+
+    def base_result(self, experiment: str, config: dict[str, Any]) -> dict:
+        """The fields every results.json starts with; ``config`` holds the script's own settings."""
+        return {"experiment": experiment, "model": self.spec.name, "weights": self.weights_source,
+                "num_classes": self.num_classes,
+                "config": {**dataclasses.asdict(self.config), **config},
+                "preprocessing": self.preprocessing.to_dict(), "environment": common.environment(),
+                "num_eval_images": int(len(self.eval_indices)),
+                "num_calib_images": int(len(self.calib_indices))}
+
+    def sweep(self, stats: dict, config: ptq.PTQConfig, bits, *, include_matmuls: bool = False):
+        """Sensitivity of the model's layers on the calibration images (labels used if present)."""
+        base = self.calibrated(stats, dataclasses.replace(config, w_bits=8, a_bits=8, keep_first_last_bits=None,
+                                                          rules=()))
+        layers = list(dict.fromkeys(c.name for c in self.calls if include_matmuls or c.kind != "matmul"))
+        self.log(f"sensitivity sweep: {len(layers)} layers x {len(bits)} bit widths = "
+                 f"{len(layers) * len(bits)} configurations in one compiled call")
+        return ptq.sweep(self.model, self.variables, base, self.calib_batches(), layers=layers, bits=bits,
+                         batch_size=self.config.batch_size, chunk_size=self.config.chunk_size,
+                         on_progress=common.progress_logger("sweep", len(self.calib_indices)))
+
+
+def open_workload(config: WorkloadConfig, *, log: Callable[[str], None] = common.log) -> Workload:
+    """Opens the datasets and loads the weights that ``config`` names; no long work.
+
+    Raises:
+      ValueError, OSError, ImportError: bad datasets, image counts, weights (named by flag).
+    """
+    spec = models.get(config.model)
+    weights = common.resolve_weights_default(spec.name, config.weights)
+    eval_source = data.open_dataset(config.dataset, name="--dataset")
+    calib_source = data.open_dataset(config.calib_dataset, name="--calib_dataset")
+    eval_idx = data.sample_indices(len(eval_source), config.eval_images, seed=config.seed, name="--eval_images")
+    calib_num = config.calib_images
+    if calib_num is None:
+        available = len(calib_source) - (len(eval_idx) if data.same_source(calib_source, eval_source) else 0)
+        calib_num = min(DEFAULT_CALIB_IMAGES, available)
+        if calib_num < DEFAULT_CALIB_IMAGES:
+            log(f"will calibrate on all {calib_num} images of {calib_source.spec} "
+                f"(fewer than the study's {DEFAULT_CALIB_IMAGES})")
+    calib_idx = data.calibration_indices(calib_source, calib_num, seed=config.seed, eval_source=eval_source,
+                                         eval_indices=eval_idx, name="--calib_images")
+    log(f"loading weights {weights} for {spec.name}")
+    variables, num_classes, pre, source = common.load_weights(spec.name, weights)
+    labels = eval_source.labels[eval_idx]
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"--dataset={config.dataset} has labels in [{labels.min()}, {labels.max()}], "
+                         f"but the model has {num_classes} classes")
+    return Workload(config, spec, spec.build(num_classes=num_classes), variables, num_classes, pre, source,
+                    spec.trace(num_classes=num_classes), eval_source, eval_idx, calib_source, calib_idx, log)

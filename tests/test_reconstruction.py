@@ -1,0 +1,147 @@
+"""Reconstruction PTQ: AdaRound's core, BRECQ / QDrop over units, saving, and bad input."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eqjax import apply, models, numerics, ptq, reconstruction
+from eqjax import reconstruction_core as core
+from eqjax.models import resnet
+
+TINY = dict(stage_sizes=(2,), widths=(8,))
+
+
+def test_initial_rounding_is_round_to_nearest_and_regularizer_ends():
+    w = jax.random.normal(jax.random.key(0), (3, 3, 4, 8), jnp.float32)
+    scale = numerics.absmax_scale(w, 4, axis=-1).reshape(1, 1, 1, 8)
+    q_min, q_max = numerics.quant_range(4)
+    v = core.init_rounding(w, scale)
+    x = np.asarray(w * (1.0 / scale))  # x·(1/s), as every quantizer of eqjax computes it
+    np.testing.assert_allclose(core.rectified_sigmoid(v), x - np.floor(x), atol=2e-5)
+    hard = core.adaround_weights(w, scale, v, q_min, q_max, hard=True)
+    nearest = numerics.quantize(w, 4, scale=scale.reshape(8), axis=-1)
+    away_from_ties = np.abs(x - np.floor(x) - 0.5) > 1e-3
+    np.testing.assert_allclose(np.asarray(hard)[away_from_ties], np.asarray(nearest)[away_from_ties], atol=1e-6)
+    assert float(core.rounding_regularizer(jnp.array([-50.0, 50.0]), 2.0)) == 0.0
+    assert float(core.rounding_regularizer(jnp.array([0.0]), 2.0)) == pytest.approx(1.0, abs=1e-6)
+    beta, on = core.beta_schedule(0, 100)
+    assert not bool(on) and float(beta) == 20.0
+    beta, on = core.beta_schedule(100, 100)
+    assert bool(on) and float(beta) == pytest.approx(2.0)
+    x_q = jnp.zeros((1000,))
+    assert bool(jnp.all(core.drop_quantization(jax.random.key(0), jnp.ones((1000,)), x_q, 0.0) == 0))
+    assert 400 < int(jnp.sum(core.drop_quantization(jax.random.key(0), jnp.ones((1000,)), x_q, 0.5))) < 600
+
+
+class TwoConv(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(8, (3, 3), name="conv1")(x))
+        return nn.Conv(8, (3, 3), name="conv2")(x)
+
+
+def test_adaround_lowers_the_layer_output_error():
+    model = TwoConv()
+    images = np.asarray(jax.random.normal(jax.random.key(0), (64, 8, 8, 3), jnp.float32))
+    variables = model.init(jax.random.key(1), images[:1])
+    config = ptq.PTQConfig(w_bits=3, a_bits=8, keep_first_last_bits=None)
+    policy = ptq.calibrate(model, variables, [images], config)
+    result = reconstruction.reconstruct(model, variables, policy, images, reconstruction.ReconstructionConfig(
+        method="adaround", iterations=300, batch_size=32, rounding_lr=1e-2))
+    assert [u["unit"] for u in result.units] == ["conv1", "conv2"]
+    # Learned rounding is never worse than nearest; on conv2 (72 weights per output channel,
+    # 3-bit) it removes about a quarter of the output error (conv1 has 27: little to choose).
+    for unit in result.units:
+        assert unit["error_after"] < unit["error_nearest"], unit
+    assert result.units[1]["error_after"] < 0.85 * result.units[1]["error_nearest"], result.units[1]
+    assert set(result.rounding) == {"conv1", "conv2"} and result.rounding["conv1"].dtype == np.int8
+    qvars = reconstruction.quantized_variables(variables, result.policy, result.rounding, result.weight_scales)
+    q = np.asarray(qvars["params"]["conv1"]["kernel"]) / result.weight_scales["conv1"]
+    np.testing.assert_allclose(q, np.round(q), atol=1e-4)  # on the 3-bit grid
+    assert np.abs(q).max() <= 4
+
+
+@pytest.fixture(scope="module")
+def tiny_resnet():
+    spec = models.get("resnet18_cifar")
+    model = spec.build(num_classes=10, **TINY)
+    variables = spec.init(jax.random.key(0), num_classes=10, **TINY)
+    images = np.asarray(jax.random.normal(jax.random.key(1), (32, 32, 32, 3), jnp.float32))
+    return model, variables, images
+
+
+def _policy(model, variables, images, bits):
+    return ptq.calibrate(model, variables, [images], ptq.PTQConfig(w_bits=bits, keep_first_last_bits=8))
+
+
+is_block = lambda module: isinstance(module, resnet.BasicBlock)
+
+
+def test_qdrop_with_p_zero_equals_brecq_and_units_compile_once(tiny_resnet):
+    model, variables, images = tiny_resnet
+    reconstruction._unit_functions.cache_clear()
+    traces = []
+    original = reconstruction.core.reconstruction_error
+
+    def counting(*args):
+        traces.append(1)
+        return original(*args)
+
+    reconstruction.core.reconstruction_error = counting
+    try:
+        runs = {}
+        for method, p in (("brecq", 0.5), ("qdrop", 0.0)):
+            runs[method] = reconstruction.reconstruct(
+                model, variables, _policy(model, variables, images, 4), images,
+                reconstruction.ReconstructionConfig(method=method, iterations=4, batch_size=8, drop_prob=p),
+                is_block=is_block)
+        reconstruction.reconstruct(model, variables, _policy(model, variables, images, 6), images,
+                                   reconstruction.ReconstructionConfig(method="qdrop", iterations=4, batch_size=8),
+                                   is_block=is_block)
+    finally:
+        reconstruction.core.reconstruction_error = original
+    assert [u["unit"] for u in runs["brecq"].units] == ["conv1", "layer1.0", "layer1.1", "fc"]
+    for name in runs["brecq"].rounding:
+        np.testing.assert_array_equal(runs["brecq"].rounding[name], runs["qdrop"].rounding[name])
+    jax.tree_util.tree_map(np.testing.assert_array_equal, runs["brecq"].policy, runs["qdrop"].policy)
+    # Three unit architectures (conv1, the two equal blocks, fc); each traces its step and its
+    # error function once, whatever the method, drop probability or bits.
+    assert len(traces) == 6, len(traces)
+
+
+def test_saved_state_reloads_to_identical_logits(tiny_resnet, tmp_path):
+    model, variables, images = tiny_resnet
+    policy = _policy(model, variables, images, 4)
+    result = reconstruction.reconstruct(model, variables, policy, images,
+                                        reconstruction.ReconstructionConfig(iterations=3, batch_size=8),
+                                        is_block=is_block)
+    reconstruction.save(str(tmp_path / "state"), result)
+    loaded = reconstruction.load(str(tmp_path / "state"), policy)
+    logits = []
+    for r in (result, loaded):
+        qvars = reconstruction.quantized_variables(variables, r.policy, r.rounding, r.weight_scales)
+        logits.append(apply.quantized_apply(model, qvars, r.policy, images[:4], quantize_kernels=False))
+    np.testing.assert_array_equal(*logits)
+    assert loaded.info["method"] == "brecq" and loaded.info["iterations"] == 3
+    with pytest.raises(ValueError, match="made for other layers or bits"):
+        reconstruction.load(str(tmp_path / "state"), _policy(model, variables, images, 6))
+
+
+def test_bad_input_fails_before_long_work(tiny_resnet):
+    model, variables, images = tiny_resnet
+    with pytest.raises(ValueError, match="method must be one of"):
+        reconstruction.ReconstructionConfig(method="gptq")
+    with pytest.raises(ValueError, match="iterations must be >= 1, got 0"):
+        reconstruction.ReconstructionConfig(iterations=0)
+    with pytest.raises(ValueError, match=r"drop_prob must be in \[0, 1\)"):
+        reconstruction.ReconstructionConfig(drop_prob=1.0)
+    uncalibrated = ptq.build_policy(ptq.layer_calls(model, images[:1]), ptq.PTQConfig(w_bits=4))
+    with pytest.raises(ValueError, match="policy is not calibrated"):
+        reconstruction.reconstruct(model, variables, uncalibrated, images)
+    with pytest.raises(ValueError, match="blocks that name no module of the model: layer9"):
+        reconstruction.reconstruct(model, variables, _policy(model, variables, images, 4), images,
+                                   blocks=["layer1.0", "layer9"])
+    with pytest.raises(ValueError, match="bits must be in"):
+        ptq.PTQConfig(w_bits=1)
