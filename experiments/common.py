@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
-from absl import app
+from absl import app, logging
 
 from eqjax import checkpoint, models
 
@@ -58,6 +58,8 @@ def run_main(main: Callable[[list[str]], Any]) -> None:
     anything else keeps its traceback."""
 
     def guarded(argv):
+        if not app.FLAGS["verbosity"].present:
+            logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
         try:
             return main(argv)
         except EXPECTED_ERRORS as e:

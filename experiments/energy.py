@@ -19,17 +19,21 @@ from eqjax import energy, models, numerics, policy as policy_lib
 from experiments import common
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("model", "deit_tiny", list(models.names()), "Registry name of the model.")
-flags.DEFINE_integer("bits", 8, "Weight and activation bits.")
-flags.DEFINE_integer("w_bits", None, "Weight bits (default --bits).")
-flags.DEFINE_integer("a_bits", None, "Activation bits (default --bits).")
-flags.DEFINE_integer("keep_first_last_bits", 8, "Bits of the first and last layer; 0 = no exception.")
-flags.DEFINE_string("bits_json", None, "A results.json (or {name: {w, a}} file) with per-layer bits.")
-flags.DEFINE_enum("preset", "paper", list(energy.PRESETS), "Energy model preset.")
-flags.DEFINE_string("energy_json", None, "A user-defined energy model (EnergyModel fields).")
-flags.DEFINE_integer("num_classes", None, "Classes (default: the model's).")
-flags.DEFINE_integer("batch_size", 1, "Images per inference (weights are read once per batch).")
-flags.DEFINE_string("workdir", "runs/default", "Output folder; results go to WORKDIR/energy/.")
+
+
+def define_flags() -> None:
+    """Defines this script's flags (when it runs as a program; importing it defines none)."""
+    flags.DEFINE_enum("model", "deit_tiny", list(models.names()), "Registry name of the model.")
+    flags.DEFINE_integer("bits", 8, "Weight and activation bits.")
+    flags.DEFINE_integer("w_bits", None, "Weight bits (default --bits).")
+    flags.DEFINE_integer("a_bits", None, "Activation bits (default --bits).")
+    flags.DEFINE_integer("keep_first_last_bits", 8, "Bits of the first and last layer; 0 = no exception.")
+    flags.DEFINE_string("bits_json", None, "A results.json (or {name: {w, a}} file) with per-layer bits.")
+    flags.DEFINE_enum("preset", "paper", list(energy.PRESETS), "Energy model preset.")
+    flags.DEFINE_string("energy_json", None, "A user-defined energy model (EnergyModel fields).")
+    flags.DEFINE_integer("num_classes", None, "Classes (default: the model's).")
+    flags.DEFINE_integer("batch_size", 1, "Images per inference (weights are read once per batch).")
+    flags.DEFINE_string("workdir", "runs/default", "Output folder; results go to WORKDIR/energy/.")
 
 
 def read_bits(path: str) -> dict:
@@ -140,4 +144,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     common.run_main(main)

@@ -23,18 +23,25 @@ import numpy as np
 from absl import flags
 
 from eqjax import energy, mixed_precision as mp, policy as policy_lib, ptq, sensitivity
+from eqjax import reconstruction as reconstruction_lib
 from experiments import common, workload as workload_lib
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("strategy", "percentile", ["percentile", "budget"], "Allocation rule.")
-flags.DEFINE_string("budget", "0.15", "Relative energy budget (E/E_FP32), or 'percentile' (--strategy=budget only).")
-flags.DEFINE_list("bit_set", ["4", "6", "8"], "Candidate bit widths.")
-flags.DEFINE_enum("metric", "l2", list(sensitivity.METRICS), "Sensitivity ranking of the percentile rule.")
-flags.DEFINE_integer("sensitivity_bits", 4, "Bit width at which the percentile rule ranks layers.")
-flags.DEFINE_enum("cost_metric", "kl", ["l2", "rel_l2", "kl", "delta_loss"], "Cost minimised under a budget.")
-flags.DEFINE_integer("matmul_bits", 8, "Bits of the attention matmul operands (not allocated).")
-flags.DEFINE_string("sensitivity_json", None, "Reuse a results.json of experiments.sensitivity.")
-flags.DEFINE_string("workdir", "runs/default", "Output folder; results go to WORKDIR/mixed/.")
+
+
+def define_flags() -> None:
+    """Defines this script's flags (when it runs as a program; importing it defines none)."""
+    workload_lib.define_shared_flags()
+    flags.DEFINE_enum("strategy", "percentile", ["percentile", "budget"], "Allocation rule.")
+    flags.DEFINE_string("budget", "0.15", "Relative energy budget (E/E_FP32), or 'percentile' (--strategy=budget only).")
+    flags.DEFINE_list("bit_set", ["4", "6", "8"], "Candidate bit widths.")
+    flags.DEFINE_enum("metric", "l2", list(sensitivity.METRICS), "Sensitivity ranking of the percentile rule.")
+    flags.DEFINE_integer("sensitivity_bits", 4, "Bit width at which the percentile rule ranks layers.")
+    flags.DEFINE_enum("cost_metric", "kl", ["l2", "rel_l2", "kl", "delta_loss"], "Cost minimised under a budget.")
+    flags.DEFINE_integer("matmul_bits", 8, "Bits of the attention matmul operands (not allocated).")
+    flags.DEFINE_string("sensitivity_json", None, "Reuse a results.json of experiments.sensitivity.")
+    flags.DEFINE_string("workdir", "runs/default", "Output folder; results go to WORKDIR/mixed/.")
+    workload_lib.define_reconstruction_flags()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -53,6 +60,8 @@ class MixedRunConfig:
     matmul_bits: int = 8
     sensitivity_json: str | None = None
     workdir: str = "runs/default"
+    reconstruction: reconstruction_lib.ReconstructionConfig | None = None
+    recon_state: str | None = None
 
     def __post_init__(self):
         if self.strategy not in ("percentile", "budget"):
@@ -88,7 +97,8 @@ def config_from_flags() -> MixedRunConfig:
         ptq=workload_lib.ptq_config_from_flags(w_bits=8, a_bits=8, keep_first_last_bits=None),
         strategy=FLAGS.strategy, budget=_budget_flag(), bit_set=workload_lib.parse_bits(FLAGS.bit_set, "bit_set"),
         metric=FLAGS.metric, sensitivity_bits=FLAGS.sensitivity_bits, cost_metric=FLAGS.cost_metric,
-        matmul_bits=FLAGS.matmul_bits, sensitivity_json=FLAGS.sensitivity_json, workdir=FLAGS.workdir)
+        matmul_bits=FLAGS.matmul_bits, sensitivity_json=FLAGS.sensitivity_json, workdir=FLAGS.workdir,
+        reconstruction=workload_lib.reconstruction_config_from_flags(), recon_state=FLAGS.recon_state)
 
 
 def _load_sensitivity(path, model, layers):
@@ -161,20 +171,25 @@ def run(config: MixedRunConfig, *, log: Callable[[str], None] = common.log) -> d
                                                              keep_first_last_bits=None, rules=()))
     policy = work.calibrated(stats, config.ptq, policy_lib.set_bits(
         base, {**allocation, **{n: config.matmul_bits for n in matmul_names}}))
+    state, recon_info = work.quantized_state(policy, config.ptq, config.reconstruction, out=out,
+                                             load_from=config.recon_state)
+    policy = state.policy
     fp32 = work.evaluate_fp32()
-    quant = work.evaluate_quantized(work.quantize(policy, config.ptq), f"mixed-{config.strategy}")
+    quant = work.evaluate_quantized(state, f"mixed-{config.strategy}")
     bits = policy_lib.bits_table(policy)
     counts_by_bits = {str(b): sum(1 for n in layers if allocation[n] == b) for b in sorted(set(allocation.values()))}
     result = work.base_result("mixed", {
         **dataclasses.asdict(config.ptq), "strategy": config.strategy, "budget": config.budget,
         "bit_set": list(config.bit_set), "metric": config.metric, "sensitivity_bits": config.sensitivity_bits,
         "cost_metric": config.cost_metric, "matmul_bits": config.matmul_bits,
-        "sensitivity_json": config.sensitivity_json, "workdir": config.workdir})
+        "sensitivity_json": config.sensitivity_json, "workdir": config.workdir,
+        "reconstruct": config.reconstruction.method if config.reconstruction else "none",
+        "recon_state": config.recon_state})
     result.update({
         "bits": bits, "layer_counts_by_bits": counts_by_bits, "budget": budget,
         "w_bits": "mixed", "a_bits": "mixed",
         "top1": quant["top1"], "top5": quant["top5"], "fp32_top1": fp32["top1"], "fp32_top5": fp32["top5"],
-        "energy": work.energy_of(bits), "sensitivity": sens.to_dict(),
+        "energy": work.energy_of(bits), "sensitivity": sens.to_dict(), "reconstruction": recon_info,
         "wall_times_s": {"calibration": calibration_s, "fp32_eval": fp32["seconds"],
                          "quantized_eval": quant["seconds"], "total": time.perf_counter() - started},
     })
@@ -195,4 +210,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     common.run_main(main)

@@ -18,9 +18,13 @@ from eqjax.pareto import pareto_front
 from experiments import common
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("results", ["runs/*/ptq/results.json", "runs/*/mixed/results.json"],
-                  "Comma-separated globs of results.json files.")
-flags.DEFINE_string("workdir", "runs/default", "Output folder; results go to WORKDIR/pareto/.")
+
+
+def define_flags() -> None:
+    """Defines this script's flags (when it runs as a program; importing it defines none)."""
+    flags.DEFINE_list("results", ["runs/*/ptq/results.json", "runs/*/mixed/results.json"],
+                      "Comma-separated globs of results.json files.")
+    flags.DEFINE_string("workdir", "runs/default", "Output folder; results go to WORKDIR/pareto/.")
 
 
 def _label(result: dict, path: str) -> str:
@@ -93,4 +97,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     common.run_main(main)

@@ -32,14 +32,21 @@ from typing import Any, Callable
 from absl import flags
 
 from eqjax import policy as policy_lib, ptq
+from eqjax import reconstruction as reconstruction_lib
 from experiments import common, workload as workload_lib
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("bits", 8, "Weight and activation bits (overridden by --w_bits / --a_bits).")
-flags.DEFINE_integer("w_bits", None, "Weight bits (default --bits).")
-flags.DEFINE_integer("a_bits", None, "Activation bits (default --bits).")
-flags.DEFINE_integer("keep_first_last_bits", 8, "Bits of the first and last layer; 0 = no exception.")
-flags.DEFINE_string("workdir", "runs/default", "Output folder; results go to WORKDIR/ptq/.")
+
+
+def define_flags() -> None:
+    """Defines this script's flags (when it runs as a program; importing it defines none)."""
+    workload_lib.define_shared_flags()
+    flags.DEFINE_integer("bits", 8, "Weight and activation bits (overridden by --w_bits / --a_bits).")
+    flags.DEFINE_integer("w_bits", None, "Weight bits (default --bits).")
+    flags.DEFINE_integer("a_bits", None, "Activation bits (default --bits).")
+    flags.DEFINE_integer("keep_first_last_bits", 8, "Bits of the first and last layer; 0 = no exception.")
+    flags.DEFINE_string("workdir", "runs/default", "Output folder; results go to WORKDIR/ptq/.")
+    workload_lib.define_reconstruction_flags()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -50,6 +57,8 @@ class PtqRunConfig:
     ptq: ptq.PTQConfig
     workdir: str = "runs/default"
     bits: int | None = None  # the --bits flag, recorded in results.json
+    reconstruction: reconstruction_lib.ReconstructionConfig | None = None
+    recon_state: str | None = None  # a saved reconstructed state to reuse
 
 
 def config_from_flags() -> PtqRunConfig:
@@ -61,7 +70,8 @@ def config_from_flags() -> PtqRunConfig:
                         ptq=workload_lib.ptq_config_from_flags(w_bits=w_bits, a_bits=a_bits,
                                                                keep_first_last_bits=FLAGS.keep_first_last_bits or None,
                                                                flag_names=names),
-                        workdir=FLAGS.workdir, bits=FLAGS.bits)
+                        workdir=FLAGS.workdir, bits=FLAGS.bits,
+                        reconstruction=workload_lib.reconstruction_config_from_flags(), recon_state=FLAGS.recon_state)
 
 
 def _plot(path, result, bits):
@@ -87,20 +97,27 @@ def run(config: PtqRunConfig, *, log: Callable[[str], None] = common.log) -> dic
     work = workload_lib.open_workload(config.workload, log=log)
     stats, calibration_s = work.collect_stats()
     policy = work.calibrated(stats, config.ptq)
-    fp32 = work.evaluate_fp32()
     w_bits, a_bits = config.ptq.w_bits, config.ptq.activation_bits
-    quant = work.evaluate_quantized(work.quantize(policy, config.ptq), f"W{w_bits}A{a_bits}")
+    state, recon_info = work.quantized_state(policy, config.ptq, config.reconstruction, out=out,
+                                             load_from=config.recon_state)
+    policy = state.policy
+    fp32 = work.evaluate_fp32()
+    quant = work.evaluate_quantized(state, f"W{w_bits}A{a_bits}" + (f" {recon_info['method']}" if recon_info else ""))
 
     bits = policy_lib.bits_table(policy)
     result = work.base_result("ptq", {**dataclasses.asdict(config.ptq), "bits": config.bits,
                                       "keep_first_last_bits": config.ptq.keep_first_last_bits or 0,
-                                      "workdir": config.workdir})
+                                      "workdir": config.workdir, "reconstruct": (config.reconstruction.method
+                                                                                 if config.reconstruction else "none"),
+                                      "recon_state": config.recon_state})
     result.update({
         "w_bits": w_bits, "a_bits": a_bits, "bits": bits,
         "activation_clips": {n: {"clip": lq.a_clip, "signed": lq.a_signed} for n, lq in policy.items()},
         "top1": quant["top1"], "top5": quant["top5"], "fp32_top1": fp32["top1"], "fp32_top5": fp32["top5"],
         "energy": work.energy_of(bits),
+        "reconstruction": recon_info,
         "wall_times_s": {"calibration": calibration_s, "fp32_eval": fp32["seconds"],
+                         "reconstruction": recon_info["wall_time_s"] if recon_info else 0.0,
                          "quantized_eval": quant["seconds"],
                          "quantized_over_fp32": quant["seconds"] / fp32["seconds"],
                          "total": time.perf_counter() - started},
@@ -113,10 +130,12 @@ def run(config: PtqRunConfig, *, log: Callable[[str], None] = common.log) -> dic
 def main(argv):
     del argv
     r = run(config_from_flags())
-    print(f"{r['model']} W{r['w_bits']}A{r['a_bits']} ({r['config']['calib_method']}): top-1 {r['top1']:.2f}% "
+    method = r["config"]["calib_method"] + (f", {r['reconstruction']['method']}" if r["reconstruction"] else "")
+    print(f"{r['model']} W{r['w_bits']}A{r['a_bits']} ({method}): top-1 {r['top1']:.2f}% "
           f"(FP32 {r['fp32_top1']:.2f}%), top-5 {r['top5']:.2f}% (FP32 {r['fp32_top5']:.2f}%) on "
           f"{r['num_eval_images']} images, energy {r['energy']['relative']:.4f} of FP32 -> {r['results_path']}")
 
 
 if __name__ == "__main__":
+    define_flags()
     common.run_main(main)

@@ -34,19 +34,25 @@ from eqjax.models import vit
 from experiments import common, workload as workload_lib
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("bits", ["8", "6", "4"], "Bit widths (weights and activations), one row pair each.")
-flags.DEFINE_enum("method", "adam", list(ranking.METHODS), "adam: optax Adam on log-scales; "
-                  "grid: the paper's alternating search over interval multipliers.")
-flags.DEFINE_integer("steps", 200, "Adam steps per block (grid: search rounds).")
-flags.DEFINE_integer("rank_batch_size", 32, "Calibration images per optimisation step.")
-flags.DEFINE_float("learning_rate", 1e-2, "Adam learning rate on the log-scales.")
-flags.DEFINE_float("gamma", 0.1, "Weight γ of the ranking loss.")
-flags.DEFINE_float("margin", 0.0, "Hinge margin θ of the ranking loss.")
-flags.DEFINE_enum("similarity", "pearson", list(ranking.SIMILARITIES), "Output similarity Γ.")
-flags.DEFINE_integer("num_rows", 32, "Attention query rows ranked per step and measured; 0 = all.")
-flags.DEFINE_integer("agreement_images", 64, "Evaluation images for the kept-order measurement.")
-flags.DEFINE_string("workdir", "runs/default", "Output folder; results go to WORKDIR/ranking/.")
-FLAGS.set_default("model", "deit_tiny")
+
+
+def define_flags() -> None:
+    """Defines this script's flags (when it runs as a program; importing it defines none)."""
+    workload_lib.define_shared_flags()
+    flags.DEFINE_list("bits", ["8", "6", "4"], "Bit widths (weights and activations), one row pair each.")
+    flags.DEFINE_enum("method", "adam", list(ranking.METHODS), "adam: optax Adam on log-scales; "
+                      "grid: the paper's alternating search over interval multipliers.")
+    flags.DEFINE_integer("steps", 200, "Adam steps per block (grid: search rounds).")
+    flags.DEFINE_integer("rank_batch_size", 32, "Calibration images per optimisation step.")
+    flags.DEFINE_float("learning_rate", 1e-2, "Adam learning rate on the log-scales.")
+    flags.DEFINE_float("gamma", 0.1, "Weight γ of the ranking loss.")
+    flags.DEFINE_float("margin", 0.0, "Hinge margin θ of the ranking loss.")
+    flags.DEFINE_enum("similarity", "pearson", list(ranking.SIMILARITIES), "Output similarity Γ.")
+    flags.DEFINE_integer("num_rows", 32, "Attention query rows ranked per step and measured; 0 = all.")
+    flags.DEFINE_integer("agreement_images", 64, "Evaluation images for the kept-order measurement.")
+    flags.DEFINE_string("workdir", "runs/default", "Output folder; results go to WORKDIR/ranking/.")
+    FLAGS.set_default("model", "deit_tiny")
+
 
 is_block = lambda module: isinstance(module, vit.Block)
 
@@ -178,4 +184,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     common.run_main(main)

@@ -23,11 +23,16 @@ from eqjax import ptq, sensitivity
 from experiments import common, workload as workload_lib
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("bits", ["4", "6", "8"], "Bit widths to sweep (all in one call).")
-flags.DEFINE_enum("rank_metric", "l2", list(sensitivity.METRICS), "Metric of the printed ranking.")
-flags.DEFINE_integer("rank_bits", 4, "Bit width of the printed ranking (one of --bits).")
-flags.DEFINE_bool("include_matmuls", False, "Also sweep the attention matmuls.")
-flags.DEFINE_string("workdir", "runs/default", "Output folder; results go to WORKDIR/sensitivity/.")
+
+
+def define_flags() -> None:
+    """Defines this script's flags (when it runs as a program; importing it defines none)."""
+    workload_lib.define_shared_flags()
+    flags.DEFINE_list("bits", ["4", "6", "8"], "Bit widths to sweep (all in one call).")
+    flags.DEFINE_enum("rank_metric", "l2", list(sensitivity.METRICS), "Metric of the printed ranking.")
+    flags.DEFINE_integer("rank_bits", 4, "Bit width of the printed ranking (one of --bits).")
+    flags.DEFINE_bool("include_matmuls", False, "Also sweep the attention matmuls.")
+    flags.DEFINE_string("workdir", "runs/default", "Output folder; results go to WORKDIR/sensitivity/.")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -104,4 +109,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     common.run_main(main)

@@ -70,30 +70,35 @@ DEFAULTS = {"dataset": "tfds:cifar100:train", "eval_dataset": "tfds:cifar100:tes
             "checkpoint_every": 1000, "log_every": 50, "resume": False, "workdir": "runs/default"}
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("model", "resnet18_cifar", list(RECIPES), "Registry name of the model to train.")
-flags.DEFINE_string("dataset", DEFAULTS["dataset"], "Training dataset spec (eqjax.data).")
-flags.DEFINE_string("eval_dataset", DEFAULTS["eval_dataset"], "Evaluation dataset spec.")
-flags.DEFINE_integer("train_images", None, "Train on this many images (default all).")
-flags.DEFINE_integer("eval_images", None, "Evaluate on this many images (default all).")
-flags.DEFINE_integer("num_classes", None, "Classes (default: largest training label + 1).")
-flags.DEFINE_integer("epochs", None, "Epochs (default: the recipe's).")
-flags.DEFINE_integer("batch_size", None, "Global batch size, split over all local devices (default: recipe's).")
-flags.DEFINE_enum("optimizer", None, list(training.OPTIMIZERS), "Optimizer (default: the recipe's).")
-flags.DEFINE_float("learning_rate", None, "Peak learning rate (default: recipe's, scaled by batch size).")
-flags.DEFINE_float("weight_decay", None, "Weight decay on kernels (default: recipe's).")
-flags.DEFINE_enum("schedule", None, list(training.SCHEDULES), "Learning-rate schedule (default: recipe's).")
-flags.DEFINE_float("warmup_fraction", None, "Share of the steps spent warming up (cosine).")
-flags.DEFINE_float("label_smoothing", None, "Label smoothing (default: recipe's).")
-flags.DEFINE_float("clip_grad_norm", None, "Global gradient-norm clip; 0 = off (default: recipe's).")
-flags.DEFINE_bool("augment", DEFAULTS["augment"], "Random crop + horizontal flip.")
-flags.DEFINE_enum("compute_dtype", DEFAULTS["compute_dtype"], ["auto", "float32", "bfloat16"],
-                  "Activation dtype; auto = bfloat16 on GPU/TPU, float32 on CPU. Parameters stay float32.")
-flags.DEFINE_integer("seed", DEFAULTS["seed"], "Seed of initialisation, data order and augmentation.")
-flags.DEFINE_integer("checkpoint_every", DEFAULTS["checkpoint_every"],
-                     "Also checkpoint every N steps (always at epoch ends).")
-flags.DEFINE_integer("log_every", DEFAULTS["log_every"], "Progress line every N steps.")
-flags.DEFINE_bool("resume", DEFAULTS["resume"], "Continue from the latest checkpoint in WORKDIR/train.")
-flags.DEFINE_string("workdir", DEFAULTS["workdir"], "Output folder; results go to WORKDIR/train/.")
+
+
+def define_flags() -> None:
+    """Defines this script's flags (when it runs as a program; importing it defines none)."""
+    flags.DEFINE_enum("model", "resnet18_cifar", list(RECIPES), "Registry name of the model to train.")
+    flags.DEFINE_string("dataset", DEFAULTS["dataset"], "Training dataset spec (eqjax.data).")
+    flags.DEFINE_string("eval_dataset", DEFAULTS["eval_dataset"], "Evaluation dataset spec.")
+    flags.DEFINE_integer("train_images", None, "Train on this many images (default all).")
+    flags.DEFINE_integer("eval_images", None, "Evaluate on this many images (default all).")
+    flags.DEFINE_integer("num_classes", None, "Classes (default: largest training label + 1).")
+    flags.DEFINE_integer("epochs", None, "Epochs (default: the recipe's).")
+    flags.DEFINE_integer("batch_size", None, "Global batch size, split over all local devices (default: recipe's).")
+    flags.DEFINE_enum("optimizer", None, list(training.OPTIMIZERS), "Optimizer (default: the recipe's).")
+    flags.DEFINE_float("learning_rate", None, "Peak learning rate (default: recipe's, scaled by batch size).")
+    flags.DEFINE_float("weight_decay", None, "Weight decay on kernels (default: recipe's).")
+    flags.DEFINE_enum("schedule", None, list(training.SCHEDULES), "Learning-rate schedule (default: recipe's).")
+    flags.DEFINE_float("warmup_fraction", None, "Share of the steps spent warming up (cosine).")
+    flags.DEFINE_float("label_smoothing", None, "Label smoothing (default: recipe's).")
+    flags.DEFINE_float("clip_grad_norm", None, "Global gradient-norm clip; 0 = off (default: recipe's).")
+    flags.DEFINE_bool("augment", DEFAULTS["augment"], "Random crop + horizontal flip.")
+    flags.DEFINE_enum("compute_dtype", DEFAULTS["compute_dtype"], ["auto", "float32", "bfloat16"],
+                      "Activation dtype; auto = bfloat16 on GPU/TPU, float32 on CPU. Parameters stay float32.")
+    flags.DEFINE_integer("seed", DEFAULTS["seed"], "Seed of initialisation, data order and augmentation.")
+    flags.DEFINE_integer("checkpoint_every", DEFAULTS["checkpoint_every"],
+                         "Also checkpoint every N steps (always at epoch ends).")
+    flags.DEFINE_integer("log_every", DEFAULTS["log_every"], "Progress line every N steps.")
+    flags.DEFINE_bool("resume", DEFAULTS["resume"], "Continue from the latest checkpoint in WORKDIR/train.")
+    flags.DEFINE_string("workdir", DEFAULTS["workdir"], "Output folder; results go to WORKDIR/train/.")
+
 
 # Fields that may differ between a run and its resumption (they do not change the parameters).
 RESUMABLE_CHANGES = ("workdir", "resume", "log_every", "checkpoint_every", "eval_images", "eval_dataset")
@@ -418,8 +423,6 @@ def _train(config, spec, out, checkpoints, model_overrides, on_step, started):
 
 def main(argv):
     del argv
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
     result = run(config_from_flags())
     print(f"{result['model']}: eval top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}% on "
           f"{result['num_eval_images']} images after {result['config']['epochs']} epochs -> "
@@ -427,4 +430,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     common.run_main(main)

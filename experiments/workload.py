@@ -9,30 +9,59 @@ everything else takes a config, so every script runs in-process from a test.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any, Callable
 
 import numpy as np
 from absl import flags
 
-from eqjax import calibration, data, energy, metrics, models, numerics, policy as policy_lib, ptq
+from eqjax import calibration, data, energy, metrics, models, numerics, ptq, reconstruction
 from experiments import common
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("model", "efficientnet_lite0", list(models.names()), "Registry name of the model.")
-flags.DEFINE_string("weights", None, common.WEIGHTS_HELP)
-flags.DEFINE_string("dataset", "pkg:foolbox_imagenet", "Evaluation dataset spec (eqjax.data).")
-flags.DEFINE_string("calib_dataset", "pkg:skimage", "Calibration dataset spec.")
-flags.DEFINE_integer("calib_images", None, "Calibration images (default 256, or all if fewer).")
-flags.DEFINE_integer("eval_images", None, "Evaluation images (default all).")
-flags.DEFINE_enum("calib_method", "absmax", list(calibration.METHODS), "Activation clip estimator.")
-flags.DEFINE_enum("weight_method", "absmax", list(calibration.METHODS), "Weight scale estimator.")
-flags.DEFINE_bool("unsigned_activations", True, "Unsigned grid for inputs that are never negative.")
-flags.DEFINE_bool("quantize_matmuls", True, "Quantize the attention matmul operands of ViTs.")
-flags.DEFINE_integer("batch_size", 64, "Batch size (split over all local devices).")
-flags.DEFINE_integer("seed", 0, "Seed of image sampling.")
-flags.DEFINE_enum("energy_preset", "paper", list(energy.PRESETS), "Energy model of the results.")
-flags.DEFINE_integer("chunk_size", None, "Sensitivity-sweep configurations vmapped together (default 1 on CPU, 8 else).")
+
+
+def define_shared_flags() -> None:
+    """Defines the flags every workload script shares (once per process)."""
+    flags.DEFINE_enum("model", "efficientnet_lite0", list(models.names()), "Registry name of the model.")
+    flags.DEFINE_string("weights", None, common.WEIGHTS_HELP)
+    flags.DEFINE_string("dataset", "pkg:foolbox_imagenet", "Evaluation dataset spec (eqjax.data).")
+    flags.DEFINE_string("calib_dataset", "pkg:skimage", "Calibration dataset spec.")
+    flags.DEFINE_integer("calib_images", None, "Calibration images (default 256, or all if fewer).")
+    flags.DEFINE_integer("eval_images", None, "Evaluation images (default all).")
+    flags.DEFINE_enum("calib_method", "absmax", list(calibration.METHODS), "Activation clip estimator.")
+    flags.DEFINE_enum("weight_method", "absmax", list(calibration.METHODS), "Weight scale estimator.")
+    flags.DEFINE_bool("unsigned_activations", True, "Unsigned grid for inputs that are never negative.")
+    flags.DEFINE_bool("quantize_matmuls", True, "Quantize the attention matmul operands of ViTs.")
+    flags.DEFINE_integer("batch_size", 64, "Batch size (split over all local devices).")
+    flags.DEFINE_integer("seed", 0, "Seed of image sampling.")
+    flags.DEFINE_enum("energy_preset", "paper", list(energy.PRESETS), "Energy model of the results.")
+    flags.DEFINE_integer("chunk_size", None, "Sensitivity-sweep configurations vmapped together (default 1 on CPU, 8 else).")
+
+
+def define_reconstruction_flags() -> None:
+    """The flags of reconstruction PTQ (experiments.ptq and experiments.mixed)."""
+    flags.DEFINE_enum("reconstruct", "none", ["none", *reconstruction.METHODS],
+                      "Reconstruction PTQ after calibration: adaround (layer by layer), brecq (blocks), "
+                      "qdrop (blocks, activation quantization dropped with --drop_prob).")
+    flags.DEFINE_integer("recon_iterations", 1000, "Adam steps per reconstructed unit.")
+    flags.DEFINE_integer("recon_batch_size", 32, "Calibration images per reconstruction step.")
+    flags.DEFINE_float("drop_prob", 0.5, "QDrop's probability of keeping an activation in full precision.")
+    flags.DEFINE_string("recon_state", None, "Reuse the reconstructed state that an earlier run saved "
+                        "(WORKDIR/<script>/reconstruction) instead of reconstructing again.")
+
+
+def reconstruction_config_from_flags() -> reconstruction.ReconstructionConfig | None:
+    if FLAGS.reconstruct == "none":
+        if FLAGS.recon_state:
+            raise ValueError("--recon_state needs --reconstruct=adaround|brecq|qdrop (the method it was made by)")
+        return None
+    names = {"iterations": "recon_iterations", "batch_size": "recon_batch_size", "drop_prob": "drop_prob"}
+    return translate_errors(lambda: reconstruction.ReconstructionConfig(
+        method=FLAGS.reconstruct, iterations=FLAGS.recon_iterations, batch_size=FLAGS.recon_batch_size,
+        drop_prob=FLAGS.drop_prob, seed=FLAGS.seed), names)
+
 
 DEFAULT_CALIB_IMAGES = 256  # the study's calibration set size
 
@@ -171,6 +200,52 @@ class Workload:
     def quantize(self, policy: dict, config: ptq.PTQConfig, weight_scales: dict | None = None) -> ptq.QuantizedState:
         return ptq.quantize(self.model, self.variables, policy, weight_method=config.weight_method,
                             weight_scales=weight_scales)[1]
+
+    def quantized_state(self, policy: dict, config: ptq.PTQConfig,
+                        recon: reconstruction.ReconstructionConfig | None, *, out: str,
+                        load_from: str | None = None) -> tuple[ptq.QuantizedState, dict | None]:
+        """``policy`` quantized by round-to-nearest (``recon`` None), or reconstructed (saved to
+        ``out/reconstruction``, or loaded from ``load_from``); returns the state and the
+        reconstruction report (None without one). The state's policy has the learned clips."""
+        if recon is None:
+            return self.quantize(policy, config), None
+        return self.reconstruct(policy, config, recon, save_to=os.path.join(out, "reconstruction"),
+                                load_from=load_from)
+
+    def reconstruct(self, policy: dict, config: ptq.PTQConfig, recon: reconstruction.ReconstructionConfig, *,
+                    save_to: str, load_from: str | None = None) -> tuple[ptq.QuantizedState, dict]:
+        """Reconstruction PTQ of ``policy`` on the calibration images (or its saved state from
+        ``load_from``); saves the state to ``save_to``. Returns the quantized state and a report."""
+        if load_from:
+            result = reconstruction.load(load_from, policy)
+            if result.info.get("method") != recon.method:
+                raise ValueError(f"--recon_state={load_from} was made by {result.info.get('method')}, "
+                                 f"not --reconstruct={recon.method}")
+            self.log(f"loaded the reconstructed state of {load_from} ({result.info['method']}, "
+                     f"{result.info['iterations']} iterations per unit)")
+        else:
+            images = np.concatenate([images for images, _ in self.calib_batches()])
+            self.log(f"reconstruction ({recon.method}, {recon.iterations} iterations per unit) on "
+                     f"{len(images)} calibration images")
+
+            def report(p):
+                if p.get("done"):
+                    self.log(f"  unit {p['index']}/{p['units']} {p['unit']}: output error "
+                             f"{p['error_nearest']:.4g} (nearest) -> {p['error']:.4g}, ETA {p['eta_s']:.0f} s")
+
+            result = reconstruction.reconstruct(self.model, self.variables, policy, images, recon,
+                                                is_block=self.spec.is_block, weight_method=config.weight_method,
+                                                on_progress=report)
+            for unit in result.units:
+                if unit["stopped"]:
+                    self.log(f"WARNING: non-finite loss in unit {unit['unit']} at step {unit['stopped']['step']}; "
+                             "it keeps its calibrated (nearest-rounding) state")
+            reconstruction.save(save_to, result)
+        qvars = reconstruction.quantized_variables(self.variables, result.policy, result.rounding,
+                                                   result.weight_scales)
+        info = {**result.info, "units_report": result.units, "state": os.path.abspath(load_from or save_to),
+                "loaded": bool(load_from)}
+        return ptq.QuantizedState(qvars, result.policy), info
 
     def evaluate_quantized(self, state: ptq.QuantizedState, label: str) -> dict:
         return self._evaluate(self.quantized_evaluator, state, label)

@@ -1,5 +1,6 @@
 """The experiment scripts end to end (subprocesses, as a user runs them)."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -171,3 +172,48 @@ def test_sensitivity_then_mixed_budget_cli(toy_tar, tmp_path):
               "--sensitivity_bits=4", f"--workdir={tmp_path}", check=False)
     assert bad.returncode != 0 and "below the smallest feasible relative energy" in bad.stderr
     assert "calibrating on" not in bad.stderr
+
+
+def test_ptq_runs_in_process_from_a_config(toy_tar, tmp_path):
+    import eqjax
+    from experiments import ptq, workload
+
+    logged = []
+    config = ptq.PtqRunConfig(
+        workload=workload.WorkloadConfig(model="resnet18_cifar", weights="random", dataset=f"tar:{toy_tar}",
+                                         calib_dataset=f"tar:{toy_tar}", eval_images=8, calib_images=8,
+                                         batch_size=8),
+        ptq=eqjax.PTQConfig(w_bits=6, a_bits=6, rules=[(r"layer4\..*", 8)]), workdir=str(tmp_path))
+    result = ptq.run(config, log=logged.append)
+    assert result["bits"]["layer4.1.conv2"] == {"w": 8, "a": 8} and result["bits"]["layer3.1.conv2"] == {"w": 6, "a": 6}
+    with open(result["results_path"]) as f:
+        written = json.load(f)
+    assert written["config"]["rules"] == [["layer4\\..*", 8]] and written["reconstruction"] is None
+    assert any("calibrating on 8 images" in line for line in logged)
+    assert oct(os.stat(tmp_path / "ptq" / "results.json").st_mode & 0o777) != "0o600"
+    with pytest.raises(ValueError, match=r"match no layer.*layer9"):
+        ptq.run(dataclasses.replace(config, ptq=eqjax.PTQConfig(w_bits=6, rules=[("layer9", 8)])), log=logged.append)
+
+
+def test_ptq_reconstruct_saves_and_reuses_its_state(toy_tar, tmp_path):
+    common = ["experiments.ptq", "--model=resnet18_cifar", "--weights=random", f"--dataset=tar:{toy_tar}",
+              f"--calib_dataset=tar:{toy_tar}", "--eval_images=8", "--calib_images=16", "--batch_size=8",
+              "--bits=4", "--reconstruct=brecq", "--recon_batch_size=8"]
+    first = run(*common, "--recon_iterations=2", f"--workdir={tmp_path / 'a'}")
+    with open(tmp_path / "a" / "ptq" / "results.json") as f:
+        a = json.load(f)
+    assert a["reconstruction"]["method"] == "brecq" and a["reconstruction"]["iterations"] == 2
+    assert a["reconstruction"]["calibration_images"] == 16 and not a["reconstruction"]["loaded"]
+    assert [u["unit"] for u in a["reconstruction"]["units_report"]][:3] == ["conv1", "layer1.0", "layer1.1"]
+    assert "unit 1/10 conv1: output error" in first.stderr
+    state = tmp_path / "a" / "ptq" / "reconstruction"
+    second = run(*common, f"--recon_state={state}", f"--workdir={tmp_path / 'b'}")
+    with open(tmp_path / "b" / "ptq" / "results.json") as f:
+        b = json.load(f)
+    assert b["reconstruction"]["loaded"] and "unit 1/10" not in second.stderr
+    assert (b["top1"], b["top5"]) == (a["top1"], a["top5"])
+    assert b["activation_clips"] == a["activation_clips"]
+    bad = run(*common, "--recon_iterations=0", f"--workdir={tmp_path / 'c'}", check=False)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == "error: --recon_iterations must be >= 1, got 0"
+    bad = run(*common[:-2], "--recon_state=/nonexistent", f"--workdir={tmp_path / 'c'}", check=False)
+    assert bad.returncode == 2 and "--recon_state needs --reconstruct" in bad.stderr

@@ -65,6 +65,8 @@ class ModelSpec:
       classifier: timm name of the final layer (``fc``, ``head``, ``classifier``).
       timm_name: the timm architecture with the same parameters, if any.
       description: one line.
+      block_types: the module classes that are the model's blocks (units of block
+        reconstruction, BRECQ): BasicBlock, MBConv blocks, transformer blocks.
     """
 
     name: str
@@ -74,6 +76,11 @@ class ModelSpec:
     classifier: str
     timm_name: str | None
     description: str
+    block_types: tuple[type, ...] = ()
+
+    def is_block(self, module: nn.Module) -> bool:
+        """Whether ``module`` is one of this model's blocks."""
+        return isinstance(module, self.block_types)
 
     @property
     def input_size(self) -> int:
@@ -144,22 +151,23 @@ def get(name: str) -> ModelSpec:
 register(ModelSpec(
     "resnet18_cifar", resnet.resnet18_cifar, 100,
     Preprocessing(32, CIFAR100_MEAN, CIFAR100_STD, 1.0, "bilinear"), "fc", None,
-    "ResNet-18, CIFAR stem (3x3 stride-1 conv1, no max-pool), 21 quantizable layers"))
+    "ResNet-18, CIFAR stem (3x3 stride-1 conv1, no max-pool), 21 quantizable layers", (resnet.BasicBlock,)))
 register(ModelSpec(
     "resnet18", resnet.resnet18, 1000,
     Preprocessing(224, IMAGENET_MEAN, IMAGENET_STD, 0.95, "bicubic"), "fc", "resnet18",
-    "ResNet-18, ImageNet stem (timm/torchvision resnet18)"))
+    "ResNet-18, ImageNet stem (timm/torchvision resnet18)", (resnet.BasicBlock,)))
 register(ModelSpec(
     "deit_tiny", vit.deit_tiny, 1000,
     Preprocessing(224, IMAGENET_MEAN, IMAGENET_STD, 0.9, "bicubic"), "head", "deit_tiny_patch16_224",
-    "DeiT-Tiny, patch 16, 224x224 (timm deit_tiny_patch16_224)"))
+    "DeiT-Tiny, patch 16, 224x224 (timm deit_tiny_patch16_224)", (vit.Block,)))
 register(ModelSpec(
     "vit_tiny_cifar", vit.vit_tiny_cifar, 100,
     Preprocessing(32, CIFAR100_MEAN, CIFAR100_STD, 1.0, "bilinear"), "head", None,
-    "DeiT-Tiny widths with 4x4 patches on 32x32 CIFAR images"))
+    "DeiT-Tiny widths with 4x4 patches on 32x32 CIFAR images", (vit.Block,)))
 register(ModelSpec(
     "efficientnet_lite0", efficientnet.efficientnet_lite0, 1000,
     # The PyPI package's preprocessing: (x - 127) / 128 after resize 256, centre crop 224.
     Preprocessing(224, (127 / 255,) * 3, (128 / 255,) * 3, 224 / 256, "bilinear"), "classifier",
     "tf_efficientnet_lite0",
-    "EfficientNet-Lite0 (TF same padding, ReLU6; timm tf_efficientnet_lite0)"))
+    "EfficientNet-Lite0 (TF same padding, ReLU6; timm tf_efficientnet_lite0)",
+    (efficientnet.DepthwiseSeparable, efficientnet.InvertedResidual)))
