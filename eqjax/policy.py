@@ -21,7 +21,7 @@ from eqjax import intercept
 from eqjax.intercept import LayerCall
 
 __all__ = ["LayerQuant", "Policy", "build", "validate", "with_activation_clips", "bits_table",
-           "set_bits", "is_calibrated"]
+           "set_bits", "is_calibrated", "uncalibrated_layers"]
 
 
 class LayerQuant(NamedTuple):
@@ -134,10 +134,15 @@ def set_bits(policy: Policy, bits: Mapping[str, Any]) -> Policy:
     return new
 
 
+def uncalibrated_layers(policy: Mapping[str, LayerQuant]) -> list[str]:
+    """The enabled layers without finite activation clips (concrete policies only)."""
+    return [name for name, lq in policy.items()
+            if bool(lq.a_enabled) and not bool(np.all(np.isfinite(np.asarray(lq.a_clip))))]
+
+
 def is_calibrated(policy: Mapping[str, LayerQuant]) -> bool:
     """Whether every enabled layer has finite activation clips (concrete policies only)."""
-    return all(not bool(lq.a_enabled) or bool(np.all(np.isfinite(np.asarray(lq.a_clip))))
-               for lq in policy.values())
+    return not uncalibrated_layers(policy)
 
 
 _scale_from_stats = jax.jit(calibration.scale_from_stats,

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from eqjax import apply, calibration, intercept, numerics
+from eqjax import apply, calibration, intercept, numerics, policy as policy_lib
 from eqjax import reconstruction_core as core
 from eqjax.policy import LayerQuant, Policy
 
@@ -294,8 +294,7 @@ def _disabled(policy: Policy) -> Policy:
 
 def check_policy(policy: Mapping[str, LayerQuant]) -> None:
     """Raises ValueError for a policy that was never calibrated (NaN clips) before long work."""
-    bad = [n for n, lq in policy.items()
-           if bool(lq.a_enabled) and not bool(np.all(np.isfinite(np.asarray(lq.a_clip))))]
+    bad = policy_lib.uncalibrated_layers(policy)
     if bad:
         raise ValueError(f"policy is not calibrated ({len(bad)} layers without activation clips, e.g. "
                          f"{', '.join(bad[:3])}): calibrate it first (eqjax.ptq.calibrate)")
@@ -342,59 +341,46 @@ def reconstruct(model: nn.Module, variables: Mapping, policy: Policy, images: np
              "rounding_lr": jnp.float32(config.rounding_lr), "clip_lr": jnp.float32(config.clip_lr)}
     capture = _capture_function(model, tuple(u.path for u in units))
     policy = dict(policy)
-    qvars = variables  # kernels of finished units replaced by their hard-rounded values
     rounding, weight_scales, reports = {}, {}, []
     batch = min(config.batch_size, len(images))
+    fixed = np.arange(min(len(images), 64))  # the images of the before/after error
     for index, unit in enumerate(units):
         unit_start = time.perf_counter()
-        x_fp = _batched(lambda x: capture(variables, _disabled(policy), x)[unit.path], images, 64)
-        x_q = _batched(lambda x: capture(qvars, policy, x)[unit.path], images, 64)
         sub_vars = _sub_variables(variables, unit.path)
         local_policy = {unit.local(n): policy[n] for n in unit.layers}
-        weighted = [unit.local(n) for n in unit.layers if bool(policy[n].w_enabled)]
-        scales = {n: calibration.estimate_scale(intercept.module_variables(sub_vars, n)["kernel"],
-                                                local_policy[n].w_bits, method=weight_method, axis=-1)
-                  for n in weighted}
-        kernels = {n: intercept.module_variables(sub_vars, n)["kernel"] for n in weighted}
-        state = {"v": {n: core.init_rounding(kernels[n], _channel_scale(scales[n], kernels[n])) for n in weighted},
-                 "a": {n: jnp.log(local_policy[n].a_clip) for n in local_policy
-                       if config.learns_clips and bool(local_policy[n].a_enabled)}}
+        kernels = {unit.local(n): intercept.module_variables(variables, n)["kernel"] for n in unit.layers
+                   if bool(policy[n].w_enabled)}
+        scales = {n: calibration.estimate_scale(k, local_policy[n].w_bits, method=weight_method, axis=-1)
+                  for n, k in kernels.items()}
+        state = {"v": {n: core.init_rounding(k, _channel_scale(scales[n], k)) for n, k in kernels.items()},
+                 "a": {n: jnp.log(lq.a_clip) for n, lq in local_policy.items()
+                       if config.learns_clips and bool(lq.a_enabled)}}
         if not state["v"] and not state["a"]:
             continue  # nothing to learn (e.g. a unit whose layers are all disabled)
+        # Inputs: full precision, and with the finished units quantized as learned.
+        qvars = quantized_variables(variables, policy, rounding, weight_scales)
+        x_fp = _batched(lambda x: capture(variables, _disabled(policy), x)[unit.path], images, 64)
+        x_q = _batched(lambda x: capture(qvars, policy, x)[unit.path], images, 64)
         step, error_fn, fp_forward = _unit_functions(unit.module, unit.static_args)
         target = _batched(lambda x: fp_forward(sub_vars, x), x_fp, 64)
-        fixed = np.arange(min(len(images), 64))
-        before = float(error_fn(state, sub_vars, local_policy, scales, x_q[fixed], target[fixed], True))
-        init_state, opt_state = state, _optimizer(config.rounding_lr, config.clip_lr).init(state)
-        stopped = None
-        for it in range(config.iterations):
-            idx = np.sort(rng.choice(len(images), batch, replace=False))
-            key, sub = jax.random.split(key)
-            state, opt_state, loss, err = step(state, opt_state, sub_vars, local_policy, scales, x_q[idx],
-                                               x_fp[idx], target[idx], sub, jnp.float32(it), hyper)
-            if (it + 1) % 100 == 0 or it + 1 == config.iterations:
-                loss = float(loss)
-                if not np.isfinite(loss):
-                    stopped = {"step": it + 1, "loss": loss}
-                    state = init_state  # keep the calibrated (nearest-rounding) state
-                    break
-                if on_progress is not None:
-                    done = index + (it + 1) / config.iterations
-                    elapsed = time.perf_counter() - started
-                    on_progress({"unit": unit.path, "index": index, "units": len(units), "step": it + 1,
-                                 "iterations": config.iterations, "error": float(err),
-                                 "eta_s": elapsed / done * (len(units) - done)})
-        after = float(error_fn(state, sub_vars, local_policy, scales, x_q[fixed], target[fixed], True))
-        for local in weighted:
+        measure = lambda s: float(error_fn(s, sub_vars, local_policy, scales, x_q[fixed], target[fixed], True))
+        before = measure(state)
+
+        def report(it, error):
+            if on_progress is not None:
+                done = index + it / config.iterations
+                on_progress({"unit": unit.path, "index": index, "units": len(units), "step": it,
+                             "iterations": config.iterations, "error": error,
+                             "eta_s": (time.perf_counter() - started) / done * (len(units) - done)})
+
+        state, stopped, key = _optimize(step, state, (sub_vars, local_policy, scales), x_q, x_fp, target, key=key,
+                                        rng=rng, batch=batch, hyper=hyper, config=config, report=report)
+        after = measure(state)
+        for local in kernels:
             name = f"{unit.path}.{local}" if local else unit.path
-            kernel = intercept.module_variables(sub_vars, local)["kernel"]
             rounding[name] = np.asarray(state["v"][local] >= 0).astype(np.int8)
             weight_scales[name] = np.asarray(scales[local], np.float32)
-            q_min, q_max = numerics.quant_range(local_policy[local].w_bits)
-            hard = core.adaround_weights(kernel, _channel_scale(scales[local], kernel), state["v"][local], q_min,
-                                         q_max, hard=True)
-            qvars = intercept.replace_module_variable(qvars, name, "kernel", hard.astype(kernel.dtype))
-        for local, log_clip in state["a"].items():
+        for local, log_clip in state["a"].items() if stopped is None else ():  # stopped: calibrated clips
             name = f"{unit.path}.{local}" if local else unit.path
             policy[name] = policy[name]._replace(a_clip=jnp.exp(log_clip).astype(jnp.float32))
         reports.append({"unit": unit.path, "layers": list(unit.layers), "error_nearest": before,
@@ -411,6 +397,25 @@ def reconstruct(model: nn.Module, variables: Mapping, policy: Policy, images: np
             "config": {**dataclasses.asdict(config)},
             "stopped_units": [r["unit"] for r in reports if r["stopped"]]}
     return ReconstructionResult(policy, rounding, weight_scales, reports, info)
+
+
+def _optimize(step, state, unit_args, x_q, x_fp, target, *, key, rng, batch, hyper, config, report):
+    """``config.iterations`` Adam steps on random mini-batches; returns (state, stopped, key).
+
+    Every 100 steps the loss is checked (a non-finite one returns the initial state, i.e.
+    nearest rounding and calibrated clips, with ``stopped = {'step', 'loss'}``) and reported.
+    """
+    init_state, opt_state = state, _optimizer(config.rounding_lr, config.clip_lr).init(state)
+    for it in range(1, config.iterations + 1):
+        idx = np.sort(rng.choice(len(x_q), batch, replace=False))
+        key, sub = jax.random.split(key)
+        state, opt_state, loss, error = step(state, opt_state, *unit_args, x_q[idx], x_fp[idx], target[idx], sub,
+                                             jnp.float32(it - 1), hyper)
+        if it % 100 == 0 or it == config.iterations:
+            if not np.isfinite(float(loss)):
+                return init_state, {"step": it, "loss": float(loss)}, key
+            report(it, float(error))
+    return state, None, key
 
 
 def quantized_variables(variables: Mapping, policy: Mapping[str, LayerQuant],

@@ -145,3 +145,18 @@ def test_bad_input_fails_before_long_work(tiny_resnet):
                                    blocks=["layer1.0", "layer9"])
     with pytest.raises(ValueError, match="bits must be in"):
         ptq.PTQConfig(w_bits=1)
+
+
+def test_non_finite_loss_stops_the_unit_and_keeps_nearest_rounding():
+    model = TwoConv()
+    images = np.asarray(jax.random.normal(jax.random.key(0), (16, 8, 8, 3), jnp.float32))
+    variables = model.init(jax.random.key(1), images[:1])
+    policy = ptq.calibrate(model, variables, [images], ptq.PTQConfig(w_bits=4, keep_first_last_bits=None))
+    result = reconstruction.reconstruct(model, variables, policy, images, reconstruction.ReconstructionConfig(
+        method="brecq", iterations=100, batch_size=8, clip_lr=1e30))
+    assert [u["stopped"]["step"] for u in result.units] == [100, 100]
+    assert result.info["stopped_units"] == ["conv1", "conv2"]
+    jax.tree_util.tree_map(np.testing.assert_array_equal, result.policy, policy)  # calibrated clips kept
+    qvars = reconstruction.quantized_variables(variables, policy, result.rounding, result.weight_scales)
+    nearest = apply.quantize_weights(variables, policy)
+    np.testing.assert_allclose(qvars["params"]["conv2"]["kernel"], nearest["params"]["conv2"]["kernel"], atol=1e-6)
