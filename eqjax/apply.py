@@ -40,6 +40,10 @@ def quantize_weights(variables: Mapping, policy: Mapping[str, LayerQuant], *,
 
     Returns:
       Variables of the same structure (jit-compatible; bits may be traced).
+
+    Raises:
+      ValueError: weight scales for layers the policy lacks; a policy layer with quantized
+        weights (concretely ``w_enabled``) and no kernel in ``variables``.
     """
     calibration._check_method(method)
     scales = scales or {}
@@ -119,6 +123,10 @@ def quantized_apply(model: nn.Module, variables: Mapping, policy: Mapping[str, L
 
     Returns:
       Whatever ``model.apply`` returns (logits).
+
+    Raises:
+      ValueError (while tracing): a policy entry that names no layer the model called, or a
+        quantizable layer the model called without a policy entry (names and closest matches).
     """
     if quantize_kernels:
         variables = quantize_weights(variables, policy, method=weight_method)

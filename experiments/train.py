@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import flags, logging
+from absl import flags
 from jax.sharding import NamedSharding, PartitionSpec
 
 from eqjax import checkpoint, data, metrics, models, training
