@@ -21,7 +21,7 @@ from eqjax import intercept
 from eqjax.intercept import LayerCall
 
 __all__ = ["LayerQuant", "Policy", "build", "validate", "with_activation_clips", "bits_table",
-           "set_bits", "is_calibrated", "uncalibrated_layers"]
+           "set_bits", "is_calibrated", "uncalibrated_layers", "check_calibrated"]
 
 
 class LayerQuant(NamedTuple):
@@ -143,6 +143,14 @@ def uncalibrated_layers(policy: Mapping[str, LayerQuant]) -> list[str]:
 def is_calibrated(policy: Mapping[str, LayerQuant]) -> bool:
     """Whether every enabled layer has finite activation clips (concrete policies only)."""
     return not uncalibrated_layers(policy)
+
+
+def check_calibrated(policy: Mapping[str, LayerQuant]) -> None:
+    """Raises ValueError naming the enabled layers without activation clips (before long work)."""
+    bad = uncalibrated_layers(policy)
+    if bad:
+        raise ValueError(f"policy is not calibrated ({len(bad)} layers without activation clips, e.g. "
+                         f"{', '.join(bad[:3])}): calibrate it first (eqjax.ptq.calibrate)")
 
 
 _scale_from_stats = jax.jit(calibration.scale_from_stats,

@@ -218,9 +218,7 @@ def quantize(model: nn.Module, variables: Any, policy: Policy, *, weight_method:
     Raises:
       ValueError: a policy that is not calibrated, or names a layer the model lacks.
     """
-    if not policy_lib.is_calibrated(policy):
-        raise ValueError("policy is not calibrated: some enabled layers have no activation clips "
-                         "(use eqjax.ptq.calibrate)")
+    policy_lib.check_calibrated(policy)
     apply.check_weighted_layers(variables, policy)  # here, not under the jit below
     qvars = _quantize_weights(variables, policy, method=weight_method, scales=weight_scales)
     return quantized_logits_fn(model), QuantizedState(qvars, policy)

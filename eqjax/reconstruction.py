@@ -189,8 +189,8 @@ def _channel_scale(scale: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def _sub_variables(variables: Mapping, path: str) -> dict:
-    return {c: intercept.module_variables(variables, path, collection=c) for c in variables
-            if intercept.module_variables(variables, path, collection=c) is not None}
+    found = {c: intercept.module_variables(variables, path, collection=c) for c in variables}
+    return {c: v for c, v in found.items() if v is not None}
 
 
 def _kernels(sub_vars: Mapping, local_names: Sequence[str], scales, v, q_ranges, hard) -> dict:
@@ -292,14 +292,6 @@ def _disabled(policy: Policy) -> Policy:
     return {n: lq._replace(w_enabled=jnp.asarray(False), a_enabled=jnp.asarray(False)) for n, lq in policy.items()}
 
 
-def check_policy(policy: Mapping[str, LayerQuant]) -> None:
-    """Raises ValueError for a policy that was never calibrated (NaN clips) before long work."""
-    bad = policy_lib.uncalibrated_layers(policy)
-    if bad:
-        raise ValueError(f"policy is not calibrated ({len(bad)} layers without activation clips, e.g. "
-                         f"{', '.join(bad[:3])}): calibrate it first (eqjax.ptq.calibrate)")
-
-
 def reconstruct(model: nn.Module, variables: Mapping, policy: Policy, images: np.ndarray,
                 config: ReconstructionConfig = ReconstructionConfig(), *,
                 is_block: Callable[[nn.Module], bool] | None = None, blocks: Sequence[str] | None = None,
@@ -323,7 +315,7 @@ def reconstruct(model: nn.Module, variables: Mapping, policy: Policy, images: np
     Raises:
       ValueError: an uncalibrated policy, blocks that name no module, no images.
     """
-    check_policy(policy)
+    policy_lib.check_calibrated(policy)
     calibration._check_method(weight_method)
     images = np.asarray(images)
     if len(images) == 0:
@@ -359,7 +351,8 @@ def reconstruct(model: nn.Module, variables: Mapping, policy: Policy, images: np
             continue  # nothing to learn (e.g. a unit whose layers are all disabled)
         # Inputs: full precision, and with the finished units quantized as learned.
         qvars = quantized_variables(variables, policy, rounding, weight_scales)
-        x_fp = _batched(lambda x: capture(variables, _disabled(policy), x)[unit.path], images, 64)
+        fp_policy = _disabled(policy)
+        x_fp = _batched(lambda x: capture(variables, fp_policy, x)[unit.path], images, 64)
         x_q = _batched(lambda x: capture(qvars, policy, x)[unit.path], images, 64)
         step, error_fn, fp_forward = _unit_functions(unit.module, unit.static_args)
         target = _batched(lambda x: fp_forward(sub_vars, x), x_fp, 64)
