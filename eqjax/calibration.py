@@ -66,6 +66,7 @@ def percentile_scale(x: jax.typing.ArrayLike, bits: Any, *, percentile: float = 
       float32 scale of shape [] or [x.shape[axis]]; a zero clip falls back to absmax.
     """
     x = jnp.asarray(x)
+    numerics.check_values(x)
     numerics.check_bits(bits)
     _check_percentile(percentile)
     axis = numerics.normalize_axis(axis, x.ndim)
@@ -94,6 +95,7 @@ def mse_scale(x: jax.typing.ArrayLike, bits: Any, *, axis: int | None = None, si
       float32 scale of shape [] or [x.shape[axis]], never worse in MSE than absmax.
     """
     x = jnp.asarray(x)
+    numerics.check_values(x)
     numerics.check_bits(bits)
     if num_candidates < 1 or not 0.0 < min_ratio <= 1.0:
         raise ValueError(f"need num_candidates >= 1 and min_ratio in (0, 1], "
@@ -241,13 +243,19 @@ def scale_from_stats(stats: RunningStats, bits: Any, *, method: str = "absmax",
     then |x| = x.
 
     Returns:
-      float32 scale of shape [].
+      float32 scale of shape [] (NaN, under jit, for statistics that saw no values).
+
+    Raises:
+      ValueError: concrete statistics that never saw a value (``init_stats`` not updated).
     """
     _check_method(method)
     numerics.check_bits(bits)
+    if not numerics._is_traced(stats.count) and float(stats.count) == 0:
+        raise ValueError("the statistics saw no values (init_stats() never updated): calibrate on at "
+                         "least one batch first")
     q_min, q_max = numerics.quant_range(bits, signed=signed, dtype=jnp.float32)
     peak = stats.absmax if signed else jnp.maximum(stats.maximum, 0.0)
-    peak = jnp.where(peak > 0, peak, 1.0)
+    peak = jnp.where(stats.count > 0, jnp.where(peak == 0, 1.0, peak), jnp.nan)
     absmax = peak / q_max
     if method == "absmax":
         return absmax

@@ -95,8 +95,46 @@ def _read_labels_txt(path: str) -> list[tuple[str, int]]:
     return entries
 
 
+CLASS_NAME_FILES = ("classes.txt", "synsets.txt", "synset_words.txt")
+
+
+def find_class_names(root: str) -> str | None:
+    """The class-names file of a class-folder dataset: the first of :data:`CLASS_NAME_FILES` in
+    ``root`` or its parent (one class per line in the model's index order; the first word
+    of a line is the folder name, as in ImageNet's ``synset_words.txt``)."""
+    for folder in (root, os.path.dirname(os.path.abspath(root))):
+        for name in CLASS_NAME_FILES:
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+def class_indices(names_file: str, classes: Sequence[str]) -> dict[str, int]:
+    """``{folder: index}`` by the line of each folder name in ``names_file``.
+
+    Raises:
+      ValueError: folders the file does not list (a count and the first ones).
+    """
+    with open(names_file) as f:
+        names = [line.split()[0] for line in f if line.strip()]
+    index = {n: i for i, n in enumerate(names)}
+    unknown = [c for c in classes if c not in index]
+    if unknown:
+        raise ValueError(f"{len(unknown)} class folders are not listed in {names_file} "
+                         f"(e.g. {', '.join(unknown[:3])}): their labels cannot be known")
+    return {c: index[c] for c in classes}
+
+
 class FolderSource:
-    """``folder:DIR``: class sub-folders, or flat files listed in ``DIR/labels.txt``."""
+    """``folder:DIR``: class sub-folders, or flat files listed in ``DIR/labels.txt``.
+
+    Class folders get indices in sorted order, or by a class-names file
+    (:func:`find_class_names`) when there is one.
+    """
+
+    classes: Sequence[str] | None = None  # the class folders (None with labels.txt)
+    class_names_file: str | None = None
 
     def __init__(self, spec: DatasetSpec):
         self.spec = spec
@@ -111,7 +149,12 @@ class FolderSource:
                 raise FileNotFoundError(f"{labels_txt} lists {len(missing)} missing files, e.g. {missing[:3]}")
         else:
             classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-            entries = [(os.path.join(c, f), i) for i, c in enumerate(classes)
+            self.classes = classes
+            self.class_names_file = find_class_names(root)
+            index = {c: i for i, c in enumerate(classes)}
+            if self.class_names_file:
+                index = class_indices(self.class_names_file, classes)
+            entries = [(os.path.join(c, f), index[c]) for c in classes
                        for f in sorted(os.listdir(os.path.join(root, c)))
                        if f.lower().endswith(IMAGE_SUFFIXES)]
         if not entries:
@@ -126,6 +169,25 @@ class FolderSource:
         return Image.open(os.path.join(self.spec.path, self.ids[index]))
 
 
+def _check_tar_complete(path: str, members: Sequence[tarfile.TarInfo]) -> None:
+    """Raises ValueError when the archive ends before its last member's data, or without the
+    end-of-archive block (cut at a member boundary, which ``tarfile`` reads silently)."""
+    if not members:
+        return
+    size = os.path.getsize(path)
+    last = max(members, key=lambda m: m.offset_data)
+    end = last.offset_data + -(-last.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    if last.offset_data + last.size > size:
+        raise ValueError(f"{path} ends early: member {last.name} needs {last.offset_data + last.size} bytes "
+                         f"but the file has {size} (truncated download or copy?)")
+    with open(path, "rb") as f:
+        f.seek(end)
+        marker = f.read(tarfile.BLOCKSIZE)
+    if len(marker) < tarfile.BLOCKSIZE or marker.strip(b"\0"):
+        raise ValueError(f"{path} ends early: no end-of-archive block after member {last.name} "
+                         f"({len(members)} members read; truncated download or copy?)")
+
+
 class TarSource:
     """``tar:FILE``: members ``<split>/<class>/<file>``, class index = sorted class order."""
 
@@ -133,9 +195,16 @@ class TarSource:
         self.spec = spec
         if not os.path.isfile(spec.path):
             raise FileNotFoundError(f"dataset archive not found: {spec.path} (from {spec})")
-        with tarfile.open(spec.path) as tar:
-            members = [m for m in tar.getmembers()
-                       if m.isfile() and m.name.lower().endswith(IMAGE_SUFFIXES)]
+        try:
+            with tarfile.open(spec.path) as tar:
+                all_members = tar.getmembers()
+        except tarfile.TarError as e:
+            if "unexpected end of data" in str(e):
+                raise ValueError(f"{spec.path} ends early: unexpected end of data inside a member "
+                                 "(truncated download or copy?)") from None
+            raise ValueError(f"{spec.path} is not a readable tar archive ({e})") from None
+        _check_tar_complete(spec.path, all_members)
+        members = [m for m in all_members if m.isfile() and m.name.lower().endswith(IMAGE_SUFFIXES)]
         bad = [m.name for m in members if len(m.name.split("/")) != 3]
         if bad:
             raise ValueError(f"{spec.path}: members must be <split>/<class>/<file>, got e.g. {bad[:3]}")
@@ -273,6 +342,21 @@ def normalize(images: np.ndarray, pre: Preprocessing) -> np.ndarray:
     return (x - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
 
 
+class BadImageError(ValueError):
+    """An image of a dataset that cannot be read or decoded (named by source and id)."""
+
+
+def load_image(source: ImageSource, index: int) -> Image.Image:
+    """``source.load(index)`` decoded to RGB; raises :class:`BadImageError` naming the image."""
+    try:
+        image = source.load(index)
+        image.load()  # decode now: a truncated file fails here, not somewhere in a batch
+        return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:  # what Pillow raises for bad files
+        raise BadImageError(f"{source.spec}: cannot decode image {source.ids[index]} "
+                            f"({type(e).__name__}: {e})") from None
+
+
 def preprocess(image: Image.Image, pre: Preprocessing) -> np.ndarray:
     """PIL image -> float32 [input_size, input_size, 3]: :func:`resize_and_crop`, :func:`normalize`."""
     return normalize(resize_and_crop(image, pre), pre)
@@ -286,7 +370,7 @@ def load_uint8(source: ImageSource, indices: Sequence[int], pre: Preprocessing, 
     thread pool.
     """
     with concurrent.futures.ThreadPoolExecutor(max_workers=num_workers) as pool:
-        images = list(pool.map(lambda i: resize_and_crop(source.load(int(i)), pre), indices))
+        images = list(pool.map(lambda i: resize_and_crop(load_image(source, int(i)), pre), indices))
     if not images:
         raise ValueError(f"no images to load from {source.spec}")
     return np.stack(images)
@@ -305,10 +389,15 @@ def sample_indices(num_total: int, num: int | None, *, seed: int = 0, name: str 
 
 
 def iterate_batches(source: ImageSource, indices: Sequence[int], pre: Preprocessing, *,
-                    batch_size: int, num_workers: int = 8) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                    batch_size: int, num_workers: int = 8,
+                    skipped: list[str] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yields ``(images [B, S, S, 3] float32, labels [B] int32)``; the last batch may be short.
 
     Images are decoded and preprocessed by a thread pool, one batch ahead.
+
+    Args:
+      skipped: None to raise :class:`BadImageError` on an unreadable image; a list to skip
+        such images instead, appending each one's message (its batch comes out shorter).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -316,18 +405,32 @@ def iterate_batches(source: ImageSource, indices: Sequence[int], pre: Preprocess
     chunks = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
 
     def build(chunk):
-        images = np.stack([preprocess(source.load(i), pre) for i in chunk])
-        return images, source.labels[chunk].astype(np.int32)
+        images, kept, bad = [], [], []
+        for i in chunk:
+            try:
+                images.append(preprocess(load_image(source, i), pre))
+                kept.append(i)
+            except BadImageError as e:
+                if skipped is None:
+                    raise
+                bad.append(str(e))
+        return (np.stack(images), source.labels[kept].astype(np.int32)) if images else None, bad
+
+    def finish(future):
+        batch, bad = future.result()
+        if bad:
+            skipped.extend(bad)
+        return batch
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=num_workers) as pool:
         pending = None
         for chunk in chunks:
             future = pool.submit(build, chunk)
-            if pending is not None:
-                yield pending.result()
+            if pending is not None and (batch := finish(pending)) is not None:
+                yield batch
             pending = future
-        if pending is not None:
-            yield pending.result()
+        if pending is not None and (batch := finish(pending)) is not None:
+            yield batch
 
 
 def same_source(a: ImageSource, b: ImageSource) -> bool:

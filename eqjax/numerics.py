@@ -18,8 +18,9 @@ Rounding is round-half-to-even (``jnp.round``, like ``torch.round`` and
 Behaviour under ``jit`` (values traced, so no Python error can be raised):
 invalid bits (outside [2, 16]) or a non-positive / non-finite scale give NaN
 outputs, never a crash or a silent clip; NaN inputs stay NaN; +-inf inputs
-clamp to the ends of the grid (and make an absmax scale infinite, hence NaN
-output).
+clamp to the ends of the grid. An absmax scale of data holding NaN or Inf is
+NaN or Inf, hence NaN output: never a stand-in scale. With concrete values the
+same inputs raise ValueError instead (:func:`check_values`), as do empty arrays.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ __all__ = [
     "MIN_BITS",
     "MAX_BITS",
     "check_bits",
+    "check_values",
     "normalize_axis",
     "compute_dtype",
     "quant_range",
@@ -56,6 +58,23 @@ __all__ = [
 
 def _is_traced(value: Any) -> bool:
     return isinstance(value, jax.core.Tracer)
+
+
+def check_values(x: Any, *, name: str = "x") -> None:
+    """Raises ValueError when concrete ``x`` is empty or holds NaN/Inf (a scale estimated from
+    it would be meaningless). Traced values are not checked (their scale comes out NaN)."""
+    if _is_traced(x):
+        return
+    shape = np.shape(x)
+    if np.size(x) == 0:
+        raise ValueError(f"{name} is empty (shape {shape}): nothing to estimate a scale from")
+    values = np.asarray(x)
+    if np.issubdtype(values.dtype, np.floating) or values.dtype.name == "bfloat16":
+        finite = np.isfinite(values.astype(np.float32))
+        if not finite.all():
+            bad = values.astype(np.float32)[~finite]
+            raise ValueError(f"{name} holds {bad.size} non-finite values of {values.size} (e.g. "
+                             f"{bad[:3].tolist()}): the scale would be NaN/Inf; clean the input or pass a scale")
 
 
 def check_bits(bits: Any, *, name: str = "bits") -> None:
@@ -193,7 +212,11 @@ def absmax_scale(x: jax.typing.ArrayLike, bits: Any, *, axis: int | None = None,
 
     Returns:
       float32 scale of shape [] (per tensor) or [x.shape[axis]] (per channel).
+
+    Raises:
+      ValueError: concrete ``x`` that is empty or holds NaN/Inf (:func:`check_values`).
     """
+    check_values(x)
     x = jnp.asarray(x)
     _check_float(x)
     check_bits(bits)
@@ -202,7 +225,7 @@ def absmax_scale(x: jax.typing.ArrayLike, bits: Any, *, axis: int | None = None,
     xc = x.astype(q_max.dtype)
     magnitude = jnp.abs(xc) if signed else jnp.maximum(xc, 0)
     peak = jnp.max(magnitude, axis=_reduction_axes(x.ndim, axis))
-    peak = jnp.where(peak > 0, peak, jnp.ones_like(peak))
+    peak = jnp.where(peak == 0, jnp.ones_like(peak), peak)  # all zeros: any scale; NaN stays NaN
     return _scaled(peak, q_max)
 
 

@@ -44,7 +44,7 @@ from eqjax.policy import LayerQuant, Policy
 METHODS = ("adaround", "brecq", "qdrop")
 
 __all__ = ["METHODS", "ReconstructionConfig", "Unit", "ReconstructionResult", "find_units", "reconstruct",
-           "quantized_variables", "save", "load"]
+           "fisher_weights", "quantized_variables", "save", "load"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -61,6 +61,9 @@ class ReconstructionConfig:
       warmup: share of the iterations without the regularizer.
       beta: (start, end) of the annealed exponent β.
       drop_prob: QDrop's p (qdrop only; 0 makes it brecq).
+      fisher: weight each unit's output error by the diagonal Fisher (BRECQ): the squared
+        gradient of KL(FP ‖ quantized) w.r.t. the unit output in the round-to-nearest model,
+        normalised to mean 1 per unit (so ``rounding_weight`` keeps its meaning).
       seed: mini-batches and QDrop masks.
     """
 
@@ -73,6 +76,7 @@ class ReconstructionConfig:
     warmup: float = 0.2
     beta: tuple[float, float] = (20.0, 2.0)
     drop_prob: float = 0.5
+    fisher: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -230,19 +234,19 @@ def _unit_forward(unit_module, static_args, sub_vars, policy, state, scales, x, 
 def _unit_functions(unit_module: nn.Module, static_args: tuple):
     """Jitted step, loss and forwards of one unit architecture (equal units: one compilation)."""
 
-    def objective(state, sub_vars, policy, scales, x, target, key, drop_prob, beta, reg_on, weight):
+    def objective(state, sub_vars, policy, scales, x, target, fisher, key, drop_prob, beta, reg_on, weight):
         out = _unit_forward(unit_module, static_args, sub_vars, policy, state, scales, x, key, drop_prob)
-        error = core.reconstruction_error(out, target)
+        error = core.reconstruction_error(out, target, fisher)
         reg = sum((core.rounding_regularizer(v, beta) for v in state["v"].values()), jnp.zeros(()))
         return error + jnp.where(reg_on, weight, 0.0) * reg, error
 
-    def step(state, opt_state, sub_vars, policy, scales, x_q, x_fp, target, key, step_index, hyper):
+    def step(state, opt_state, sub_vars, policy, scales, x_q, x_fp, target, fisher, key, step_index, hyper):
         beta, reg_on = core.beta_schedule(step_index, hyper["iterations"], warmup=hyper["warmup"],
                                           start=hyper["beta_start"], end=hyper["beta_end"])
         input_key, key = jax.random.split(key)
         x = core.drop_quantization(input_key, x_fp, x_q, hyper["drop_prob"])
         (loss, error), grads = jax.value_and_grad(objective, has_aux=True)(
-            state, sub_vars, policy, scales, x, target, key, hyper["drop_prob"], beta, reg_on,
+            state, sub_vars, policy, scales, x, target, fisher, key, hyper["drop_prob"], beta, reg_on,
             hyper["rounding_weight"])
         with jax.numpy_dtype_promotion("standard"):  # optax mixes int counts and float rates
             updates, opt_state = _optimizer(hyper["rounding_lr"], hyper["clip_lr"]).update(grads, opt_state, state)
@@ -282,6 +286,61 @@ def _capture_function(model: nn.Module, paths: tuple[str, ...]):
         return captured
 
     return jax.jit(capture)
+
+
+@functools.lru_cache(maxsize=8)
+def _output_gradient_function(model: nn.Module, paths: tuple[str, ...]):
+    """Jitted ``(variables, policy, images, fp_logits) -> {path: ∂KL/∂(output of unit path)}``
+    in the model quantized by ``policy`` (kernels already in ``variables``); KL(FP ‖ quantized)
+    is summed over the images, so each image's gradient is its own."""
+
+    def outputs(variables, policy, images, perturbations):
+        seen = {}
+
+        def add(name, module, call, args, kwargs):
+            out = call(*args, **kwargs)
+            if name in paths and name not in seen:
+                seen[name] = out
+                if perturbations is not None:
+                    out = out + perturbations[name]
+            return out
+
+        with intercept.intercept_calls(add, select=lambda module: True):
+            logits = apply.quantized_apply(model, variables, policy, images, quantize_kernels=False)
+        return logits, seen
+
+    def gradients(variables, policy, images, fp_logits):
+        _, shapes = jax.eval_shape(lambda: outputs(variables, policy, images, None))
+
+        def kl(perturbations):
+            logits, _ = outputs(variables, policy, images, perturbations)
+            fp = jax.nn.log_softmax(fp_logits.astype(jnp.float32))
+            return jnp.sum(jnp.exp(fp) * (fp - jax.nn.log_softmax(logits.astype(jnp.float32))))
+
+        return jax.grad(kl)({n: jnp.zeros(s.shape, s.dtype) for n, s in shapes.items()})
+
+    return jax.jit(gradients)
+
+
+def fisher_weights(model: nn.Module, variables: Mapping, policy: Policy, images: np.ndarray,
+                   paths: Sequence[str], *, weight_method: str = "absmax", batch_size: int = 32
+                   ) -> dict[str, np.ndarray]:
+    """BRECQ's diagonal Fisher of each unit output: ``g²/mean(g²)`` [N, *output shape] with ``g``
+    the gradient of KL(FP ‖ round-to-nearest model) w.r.t. the output of unit ``path``."""
+    qvars = apply.quantize_weights(variables, policy, method=weight_method)
+    gradient_fn = _output_gradient_function(model, tuple(paths))
+    fp_logits = jax.jit(model.apply)
+    parts: dict[str, list[np.ndarray]] = {p: [] for p in paths}
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size]
+        for path, g in gradient_fn(qvars, policy, x, fp_logits(variables, x)).items():
+            parts[path].append(np.square(np.asarray(g, np.float32)))
+    out = {}
+    for path, squares in parts.items():
+        square = np.concatenate(squares)
+        mean = float(square.mean())
+        out[path] = square / mean if mean > 0 else np.ones_like(square)
+    return out
 
 
 def _batched(fn: Callable[[np.ndarray], Any], x: np.ndarray, batch_size: int) -> np.ndarray:
@@ -332,6 +391,8 @@ def reconstruct(model: nn.Module, variables: Mapping, policy: Policy, images: np
              "rounding_weight": jnp.float32(config.rounding_weight),
              "rounding_lr": jnp.float32(config.rounding_lr), "clip_lr": jnp.float32(config.clip_lr)}
     capture = _capture_function(model, tuple(u.path for u in units))
+    fisher = (fisher_weights(model, variables, policy, images, [u.path for u in units], weight_method=weight_method)
+              if config.fisher else {})
     policy = dict(policy)
     rounding, weight_scales, reports = {}, {}, []
     batch = min(config.batch_size, len(images))
@@ -366,7 +427,8 @@ def reconstruct(model: nn.Module, variables: Mapping, policy: Policy, images: np
                              "iterations": config.iterations, "error": error,
                              "eta_s": (time.perf_counter() - started) / done * (len(units) - done)})
 
-        state, stopped, key = _optimize(step, state, (sub_vars, local_policy, scales), x_q, x_fp, target, key=key,
+        state, stopped, key = _optimize(step, state, (sub_vars, local_policy, scales), x_q, x_fp, target,
+                                        fisher.get(unit.path), key=key,
                                         rng=rng, batch=batch, hyper=hyper, config=config, report=report)
         after = measure(state)
         for local in kernels:
@@ -392,7 +454,7 @@ def reconstruct(model: nn.Module, variables: Mapping, policy: Policy, images: np
     return ReconstructionResult(policy, rounding, weight_scales, reports, info)
 
 
-def _optimize(step, state, unit_args, x_q, x_fp, target, *, key, rng, batch, hyper, config, report):
+def _optimize(step, state, unit_args, x_q, x_fp, target, fisher, *, key, rng, batch, hyper, config, report):
     """``config.iterations`` Adam steps on random mini-batches; returns (state, stopped, key).
 
     Every 100 steps the loss is checked (a non-finite one returns the initial state, i.e.
@@ -402,7 +464,8 @@ def _optimize(step, state, unit_args, x_q, x_fp, target, *, key, rng, batch, hyp
     for it in range(1, config.iterations + 1):
         idx = np.sort(rng.choice(len(x_q), batch, replace=False))
         key, sub = jax.random.split(key)
-        state, opt_state, loss, error = step(state, opt_state, *unit_args, x_q[idx], x_fp[idx], target[idx], sub,
+        state, opt_state, loss, error = step(state, opt_state, *unit_args, x_q[idx], x_fp[idx], target[idx],
+                                             None if fisher is None else fisher[idx], sub,
                                              jnp.float32(it - 1), hyper)
         if it % 100 == 0 or it == config.iterations:
             if not np.isfinite(float(loss)):

@@ -80,10 +80,17 @@ def beta_schedule(step: jax.Array, total: jax.Array, *, warmup: float = 0.2, sta
     return end + (start - end) * (1.0 - progress), step >= begin
 
 
-def reconstruction_error(output: jax.Array, target: jax.Array) -> jax.Array:
-    """Squared error summed over the last (channel) axis, mean over the rest (BRECQ's ``lp_loss``)."""
-    d = output.astype(jnp.float32) - target.astype(jnp.float32)
-    return jnp.mean(jnp.sum(jnp.square(d), axis=-1))
+def reconstruction_error(output: jax.Array, target: jax.Array, weight: jax.Array | None = None) -> jax.Array:
+    """Squared error summed over the last (channel) axis, mean over the rest (BRECQ's ``lp_loss``).
+
+    With ``weight`` (shaped like ``output``): ``Σ weight · (output − target)²``, BRECQ's
+    Fisher-weighted loss when ``weight`` is the squared gradient of the task loss w.r.t. the
+    output (the diagonal of the empirical Fisher information, Li et al. 2021, eq. 10).
+    """
+    d2 = jnp.square(output.astype(jnp.float32) - target.astype(jnp.float32))
+    if weight is not None:
+        d2 = d2 * weight
+    return jnp.mean(jnp.sum(d2, axis=-1))
 
 
 def drop_quantization(key: jax.Array, x: jax.Array, x_quantized: jax.Array, p: jax.Array) -> jax.Array:

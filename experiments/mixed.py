@@ -62,6 +62,8 @@ class MixedRunConfig:
     workdir: str = "runs/default"
     reconstruction: reconstruction_lib.ReconstructionConfig | None = None
     recon_state: str | None = None
+    fold_batchnorm: bool = False
+    bias_correction: bool = False
 
     def __post_init__(self):
         if self.strategy not in ("percentile", "budget"):
@@ -98,7 +100,8 @@ def config_from_flags() -> MixedRunConfig:
         strategy=FLAGS.strategy, budget=_budget_flag(), bit_set=workload_lib.parse_bits(FLAGS.bit_set, "bit_set"),
         metric=FLAGS.metric, sensitivity_bits=FLAGS.sensitivity_bits, cost_metric=FLAGS.cost_metric,
         matmul_bits=FLAGS.matmul_bits, sensitivity_json=FLAGS.sensitivity_json, workdir=FLAGS.workdir,
-        reconstruction=workload_lib.reconstruction_config_from_flags(), recon_state=FLAGS.recon_state)
+        reconstruction=workload_lib.reconstruction_config_from_flags(), recon_state=FLAGS.recon_state,
+        fold_batchnorm=FLAGS.fold_batchnorm, bias_correction=FLAGS.bias_correction)
 
 
 def _load_sensitivity(path, model, layers):
@@ -150,6 +153,8 @@ def run(config: MixedRunConfig, *, log: Callable[[str], None] = common.log) -> d
     started = time.perf_counter()
     out = common.output_dir(config.workdir, "mixed")
     work = workload_lib.open_workload(config.workload, log=log)
+    if config.fold_batchnorm:
+        work.fold_batchnorm()
     layers = work.layers
     matmul_names = [c.name for c in work.calls if c.kind == "matmul"]
     matmuls = {n: {"w": None, "a": config.matmul_bits} for n in matmul_names}
@@ -172,7 +177,7 @@ def run(config: MixedRunConfig, *, log: Callable[[str], None] = common.log) -> d
     policy = work.calibrated(stats, config.ptq, policy_lib.set_bits(
         base, {**allocation, **{n: config.matmul_bits for n in matmul_names}}))
     state, recon_info = work.quantized_state(policy, config.ptq, config.reconstruction, out=out,
-                                             load_from=config.recon_state)
+                                             load_from=config.recon_state, bias_correction=config.bias_correction)
     policy = state.policy
     fp32 = work.evaluate_fp32()
     quant = work.evaluate_quantized(state, f"mixed-{config.strategy}")
@@ -184,7 +189,8 @@ def run(config: MixedRunConfig, *, log: Callable[[str], None] = common.log) -> d
         "cost_metric": config.cost_metric, "matmul_bits": config.matmul_bits,
         "sensitivity_json": config.sensitivity_json, "workdir": config.workdir,
         "reconstruct": config.reconstruction.method if config.reconstruction else "none",
-        "recon_state": config.recon_state})
+        "recon_state": config.recon_state, "fold_batchnorm": config.fold_batchnorm,
+        "bias_correction": config.bias_correction})
     result.update({
         "bits": bits, "layer_counts_by_bits": counts_by_bits, "budget": budget,
         "w_bits": "mixed", "a_bits": "mixed",

@@ -59,6 +59,8 @@ class PtqRunConfig:
     bits: int | None = None  # the --bits flag, recorded in results.json
     reconstruction: reconstruction_lib.ReconstructionConfig | None = None
     recon_state: str | None = None  # a saved reconstructed state to reuse
+    fold_batchnorm: bool = False
+    bias_correction: bool = False
 
 
 def config_from_flags() -> PtqRunConfig:
@@ -71,7 +73,8 @@ def config_from_flags() -> PtqRunConfig:
                                                                keep_first_last_bits=FLAGS.keep_first_last_bits or None,
                                                                flag_names=names),
                         workdir=FLAGS.workdir, bits=FLAGS.bits,
-                        reconstruction=workload_lib.reconstruction_config_from_flags(), recon_state=FLAGS.recon_state)
+                        reconstruction=workload_lib.reconstruction_config_from_flags(), recon_state=FLAGS.recon_state,
+                        fold_batchnorm=FLAGS.fold_batchnorm, bias_correction=FLAGS.bias_correction)
 
 
 def _plot(path, result, bits):
@@ -95,11 +98,13 @@ def run(config: PtqRunConfig, *, log: Callable[[str], None] = common.log) -> dic
     started = time.perf_counter()
     out = common.output_dir(config.workdir, "ptq")
     work = workload_lib.open_workload(config.workload, log=log)
+    if config.fold_batchnorm:
+        work.fold_batchnorm()
     stats, calibration_s = work.collect_stats()
     policy = work.calibrated(stats, config.ptq)
     w_bits, a_bits = config.ptq.w_bits, config.ptq.activation_bits
     state, recon_info = work.quantized_state(policy, config.ptq, config.reconstruction, out=out,
-                                             load_from=config.recon_state)
+                                             load_from=config.recon_state, bias_correction=config.bias_correction)
     policy = state.policy
     fp32 = work.evaluate_fp32()
     quant = work.evaluate_quantized(state, f"W{w_bits}A{a_bits}" + (f" {recon_info['method']}" if recon_info else ""))
@@ -109,7 +114,9 @@ def run(config: PtqRunConfig, *, log: Callable[[str], None] = common.log) -> dic
                                       "keep_first_last_bits": config.ptq.keep_first_last_bits or 0,
                                       "workdir": config.workdir, "reconstruct": (config.reconstruction.method
                                                                                  if config.reconstruction else "none"),
-                                      "recon_state": config.recon_state})
+                                      "recon_state": config.recon_state,
+                                      "fold_batchnorm": config.fold_batchnorm,
+                                      "bias_correction": config.bias_correction})
     result.update({
         "w_bits": w_bits, "a_bits": a_bits, "bits": bits,
         "activation_clips": {n: {"clip": lq.a_clip, "signed": lq.a_signed} for n, lq in policy.items()},

@@ -29,7 +29,9 @@ run; without it, a workdir that already holds checkpoints is refused, never over
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging as std_logging
 import os
 import time
 from typing import Any, Callable
@@ -213,6 +215,21 @@ def _format_seconds(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+@contextlib.contextmanager
+def _quiet_orbax_errors():
+    """Orbax and asyncio log a traceback per failed read of a corrupt checkpoint; the caller
+    reports the failure in one line instead."""
+    loggers = [std_logging.getLogger(n) for n in ("asyncio", "absl")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(std_logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 class _Checkpoints:
     """Orbax checkpoints of the train state plus the run's config and curve (JSON)."""
 
@@ -233,15 +250,40 @@ class _Checkpoints:
                                                         meta=ocp.args.JsonSave(meta)))
 
     def restore(self, template: training.TrainState) -> tuple[training.TrainState, dict[str, Any]]:
-        step = self.latest()
-        try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(jax.tree_util.tree_map(np.asarray, template)),
-                meta=ocp.args.JsonRestore()))
-        except Exception as e:  # orbax raises many types for missing/corrupt/mismatched files
-            raise RuntimeError(f"cannot restore checkpoint step {step} in {self.directory} (left "
-                               f"untouched): {type(e).__name__}: {e}") from e
-        return restored["state"], restored["meta"]
+        """The newest intact checkpoint. A corrupt newer one is reported in one line and moved to
+        ``corrupt_checkpoints/`` beside the checkpoints (kept for inspection, out of the way of
+        the steps this run saves again).
+
+        Raises:
+          ValueError: no checkpoint can be restored.
+        """
+        failures = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                with _quiet_orbax_errors():
+                    restored = self.manager.restore(step, args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(jax.tree_util.tree_map(np.asarray, template)),
+                        meta=ocp.args.JsonRestore()))
+            except Exception as e:  # orbax raises many types for missing/corrupt/mismatched files
+                reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+                failures.append(f"step {step}: {reason}")
+                common.log(f"WARNING: checkpoint step {step} in {self.directory} cannot be restored ({reason})")
+                continue
+            if failures:
+                self._set_aside([int(f.split()[1].rstrip(":")) for f in failures])
+                common.log(f"resuming from the newest intact checkpoint, step {step}")
+            return restored["state"], restored["meta"]
+        raise ValueError(f"no intact checkpoint in {self.directory} ({'; '.join(failures)}); "
+                         "start again in another --workdir")
+
+    def _set_aside(self, steps: list[int]) -> None:
+        aside = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")
+        os.makedirs(aside, exist_ok=True)
+        for step in steps:
+            target = os.path.join(aside, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(os.path.join(self.directory, str(step)), target)
+            common.log(f"moved the corrupt checkpoint step {step} to {target}")
+        self.manager.reload()
 
     def close(self) -> None:
         self.manager.wait_until_finished()

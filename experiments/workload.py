@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 from absl import flags
 
-from eqjax import calibration, data, energy, metrics, models, numerics, ptq, reconstruction
+from eqjax import calibration, data, energy, folding, metrics, models, numerics, ptq, reconstruction
 from experiments import common
 
 FLAGS = flags.FLAGS
@@ -37,6 +37,8 @@ def define_shared_flags() -> None:
     flags.DEFINE_integer("batch_size", 64, "Batch size (split over all local devices).")
     flags.DEFINE_integer("seed", 0, "Seed of image sampling.")
     flags.DEFINE_enum("energy_preset", "paper", list(energy.PRESETS), "Energy model of the results.")
+    flags.DEFINE_bool("skip_bad_images", False, "Skip images that cannot be decoded (a warning, and their "
+                      "names in results.json) instead of stopping with an error naming the first one.")
     flags.DEFINE_integer("chunk_size", None, "Sensitivity-sweep configurations vmapped together (default 1 on CPU, 8 else).")
 
 
@@ -48,8 +50,14 @@ def define_reconstruction_flags() -> None:
     flags.DEFINE_integer("recon_iterations", 1000, "Adam steps per reconstructed unit.")
     flags.DEFINE_integer("recon_batch_size", 32, "Calibration images per reconstruction step.")
     flags.DEFINE_float("drop_prob", 0.5, "QDrop's probability of keeping an activation in full precision.")
+    flags.DEFINE_bool("recon_fisher", False, "Weight each unit's output error by the diagonal Fisher "
+                      "(BRECQ): squared gradients of KL(FP || quantized) w.r.t. the unit output.")
     flags.DEFINE_string("recon_state", None, "Reuse the reconstructed state that an earlier run saved "
                         "(WORKDIR/<script>/reconstruction) instead of reconstructing again.")
+    flags.DEFINE_bool("fold_batchnorm", False, "Fold every BatchNorm into the conv before it, before "
+                      "calibration (what integer kernels run; FP32 outputs unchanged).")
+    flags.DEFINE_bool("bias_correction", False, "Remove the mean output shift that weight quantization "
+                      "causes in each layer, measured on the calibration images (Nagel et al., 2019).")
 
 
 def reconstruction_config_from_flags() -> reconstruction.ReconstructionConfig | None:
@@ -60,7 +68,7 @@ def reconstruction_config_from_flags() -> reconstruction.ReconstructionConfig | 
     names = {"iterations": "recon_iterations", "batch_size": "recon_batch_size", "drop_prob": "drop_prob"}
     return translate_errors(lambda: reconstruction.ReconstructionConfig(
         method=FLAGS.reconstruct, iterations=FLAGS.recon_iterations, batch_size=FLAGS.recon_batch_size,
-        drop_prob=FLAGS.drop_prob, seed=FLAGS.seed), names)
+        drop_prob=FLAGS.drop_prob, fisher=FLAGS.recon_fisher, seed=FLAGS.seed), names)
 
 
 DEFAULT_CALIB_IMAGES = 256  # the study's calibration set size
@@ -80,6 +88,7 @@ class WorkloadConfig:
     seed: int = 0
     energy_preset: str = "paper"
     chunk_size: int | None = None
+    skip_bad_images: bool = False
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -159,14 +168,23 @@ class Workload:
     def __post_init__(self):
         self.fp32_evaluator = metrics.make_evaluator(lambda variables, x: self.model.apply(variables, x))
         self.quantized_evaluator = metrics.make_evaluator(ptq.quantized_logits_fn(self.model))
+        self.skipped_images: dict[str, None] = {}  # messages of undecodable images, first seen first
+
+    def _batches(self, source, indices):
+        skipped = [] if self.config.skip_bad_images else None
+        for batch in data.iterate_batches(source, indices, self.preprocessing, batch_size=self.config.batch_size,
+                                          skipped=skipped):
+            yield batch
+        for message in skipped or ():
+            if message not in self.skipped_images:
+                self.log(f"WARNING: skipped: {message}")
+                self.skipped_images[message] = None
 
     def eval_batches(self):
-        return data.iterate_batches(self.eval_source, self.eval_indices, self.preprocessing,
-                                    batch_size=self.config.batch_size)
+        return self._batches(self.eval_source, self.eval_indices)
 
     def calib_batches(self):
-        return data.iterate_batches(self.calib_source, self.calib_indices, self.preprocessing,
-                                    batch_size=self.config.batch_size)
+        return self._batches(self.calib_source, self.calib_indices)
 
     @property
     def layers(self) -> list[str]:
@@ -201,16 +219,39 @@ class Workload:
         return ptq.quantize(self.model, self.variables, policy, weight_method=config.weight_method,
                             weight_scales=weight_scales)[1]
 
+    def fold_batchnorm(self) -> int:
+        """Folds every BatchNorm into the layer before it (FP32 outputs unchanged); returns the count."""
+        self.variables, pairs = folding.fold_batchnorm(self.model, self.variables, self.spec.example_input(1))
+        self.log(f"folded {len(pairs)} BatchNorms into the layer before them")
+        return len(pairs)
+
     def quantized_state(self, policy: dict, config: ptq.PTQConfig,
                         recon: reconstruction.ReconstructionConfig | None, *, out: str,
-                        load_from: str | None = None) -> tuple[ptq.QuantizedState, dict | None]:
+                        load_from: str | None = None, bias_correction: bool = False
+                        ) -> tuple[ptq.QuantizedState, dict | None]:
         """``policy`` quantized by round-to-nearest (``recon`` None), or reconstructed (saved to
-        ``out/reconstruction``, or loaded from ``load_from``); returns the state and the
-        reconstruction report (None without one). The state's policy has the learned clips."""
+        ``out/reconstruction``, or loaded from ``load_from``), then bias-corrected if asked;
+        returns the state and the reconstruction report (None without one). The state's policy
+        has the learned clips."""
         if recon is None:
-            return self.quantize(policy, config), None
-        return self.reconstruct(policy, config, recon, save_to=os.path.join(out, "reconstruction"),
-                                load_from=load_from)
+            state, info = self.quantize(policy, config), None
+        else:
+            state, info = self.reconstruct(policy, config, recon, save_to=os.path.join(out, "reconstruction"),
+                                           load_from=load_from)
+        if bias_correction:
+            state = self.correct_bias(state)
+        return state, info
+
+    def correct_bias(self, state: ptq.QuantizedState) -> ptq.QuantizedState:
+        """``state`` with each layer's weight-quantization mean shift removed (calibration images)."""
+        start = time.perf_counter()
+        corrected, where = folding.correct_bias(self.model, self.variables, state.variables, state.policy,
+                                                (images for images, _ in self.calib_batches()),
+                                                example=self.spec.example_input(1))
+        counts = {k: sum(v == k for v in where.values()) for k in ("batchnorm", "bias", "none")}
+        self.log(f"bias correction: {counts['batchnorm']} layers through the next BatchNorm, {counts['bias']} "
+                 f"through their bias, {counts['none']} without either ({time.perf_counter() - start:.1f} s)")
+        return state.replace(variables=corrected)
 
     def reconstruct(self, policy: dict, config: ptq.PTQConfig, recon: reconstruction.ReconstructionConfig, *,
                     save_to: str, load_from: str | None = None) -> tuple[ptq.QuantizedState, dict]:
@@ -264,8 +305,12 @@ class Workload:
                 "num_classes": self.num_classes,
                 "config": {**dataclasses.asdict(self.config), **config},
                 "preprocessing": self.preprocessing.to_dict(), "environment": common.environment(),
-                "num_eval_images": int(len(self.eval_indices)),
-                "num_calib_images": int(len(self.calib_indices))}
+                "num_eval_images": int(len(self.eval_indices)) - self._skipped_of(self.eval_source),
+                "num_calib_images": int(len(self.calib_indices)) - self._skipped_of(self.calib_source),
+                "skipped_images": list(self.skipped_images)}
+
+    def _skipped_of(self, source) -> int:
+        return sum(m.startswith(f"{source.spec}: ") for m in self.skipped_images)
 
     def sweep(self, stats: dict, config: ptq.PTQConfig, bits, *, include_matmuls: bool = False):
         """Sensitivity of the model's layers on the calibration images (labels used if present)."""
@@ -277,6 +322,19 @@ class Workload:
         return ptq.sweep(self.model, self.variables, base, self.calib_batches(), layers=layers, bits=bits,
                          batch_size=self.config.batch_size, chunk_size=self.config.chunk_size,
                          on_progress=common.progress_logger("sweep", len(self.calib_indices)))
+
+
+def check_classes(source: data.ImageSource, num_classes: int, *, flag: str) -> None:
+    """Raises ValueError when class folders are counted by sorted order but their number is not
+    the model's: the labels would be indices into another list of classes."""
+    classes = getattr(source, "classes", None)
+    if classes is None or getattr(source, "class_names_file", None) or len(classes) == num_classes:
+        return
+    raise ValueError(f"{flag} has {len(classes)} class folders ({', '.join(classes[:3])}"
+                     f"{', ...' if len(classes) > 3 else ''}) but the model has {num_classes} classes: labels by "
+                     f"sorted folder order (0..{len(classes) - 1}) would not be the model's class indices. Put "
+                     f"the model's class names, one per line in index order, in {'/'.join(data.CLASS_NAME_FILES)} "
+                     "next to the class folders, or list the files with labels.txt")
 
 
 def open_workload(config: WorkloadConfig, *, log: Callable[[str], None] = common.log) -> Workload:
@@ -301,6 +359,8 @@ def open_workload(config: WorkloadConfig, *, log: Callable[[str], None] = common
                                          eval_indices=eval_idx, name="--calib_images")
     log(f"loading weights {weights} for {spec.name}")
     variables, num_classes, pre, source = common.load_weights(spec.name, weights)
+    if weights != "random":  # random weights: a smoke test, any labels do
+        check_classes(eval_source, num_classes, flag=f"--dataset={config.dataset}")
     labels = eval_source.labels[eval_idx]
     if labels.min() < 0 or labels.max() >= num_classes:
         raise ValueError(f"--dataset={config.dataset} has labels in [{labels.min()}, {labels.max()}], "

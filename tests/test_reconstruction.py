@@ -160,3 +160,20 @@ def test_non_finite_loss_stops_the_unit_and_keeps_nearest_rounding():
     qvars = reconstruction.quantized_variables(variables, policy, result.rounding, result.weight_scales)
     nearest = apply.quantize_weights(variables, policy)
     np.testing.assert_allclose(qvars["params"]["conv2"]["kernel"], nearest["params"]["conv2"]["kernel"], atol=1e-6)
+
+
+def test_fisher_weight_of_the_logits_is_the_softmax_difference_squared(tiny_resnet):
+    """For the last unit (the logits z), ∂KL(p_fp ‖ softmax(z))/∂z = softmax(z) − p_fp per image."""
+    model, variables, images = tiny_resnet
+    policy = _policy(model, variables, images[:16], 4)
+    weights = reconstruction.fisher_weights(model, variables, policy, images[:16], ["layer1.1", "fc"], batch_size=8)
+    qvars = apply.quantize_weights(variables, policy)
+    z = apply.quantized_apply(model, qvars, policy, images[:16], quantize_kernels=False)
+    g2 = np.square(np.asarray(jax.nn.softmax(z) - jax.nn.softmax(model.apply(variables, images[:16]))))
+    np.testing.assert_allclose(weights["fc"], g2 / g2.mean(), rtol=2e-3, atol=1e-6)
+    assert weights["layer1.1"].shape == (16, 32, 32, 8)
+    np.testing.assert_allclose(weights["layer1.1"].mean(), 1.0, rtol=1e-5)
+    result = reconstruction.reconstruct(model, variables, policy, images,
+                                        reconstruction.ReconstructionConfig(iterations=3, batch_size=8, fisher=True),
+                                        is_block=is_block)
+    assert result.info["config"]["fisher"] and all(np.isfinite(u["error_after"]) for u in result.units)

@@ -96,13 +96,24 @@ def test_killed_run_resumes_to_the_same_parameters(pattern_tar, tmp_path):
     assert a.model == "vit_tiny_cifar" and a.num_classes == 4
     np.testing.assert_allclose(a.preprocessing.mean, reference["preprocessing"]["mean"])
 
-    # A corrupt checkpoint gives a clear error and stays where it is.
-    latest = tmp_path / "b" / "train" / "checkpoints" / "8" / "state"
-    shutil.rmtree(latest)
-    latest.mkdir()
-    with pytest.raises(RuntimeError, match="cannot restore checkpoint step 8"):
-        train.run(_config(pattern_tar, tmp_path / "b", resume=True), model_overrides=TINY_VIT)
-    assert (tmp_path / "b" / "train" / "checkpoints" / "8").is_dir()
+    # A corrupt newest checkpoint: reported, set aside, and the run resumes from the newest intact
+    # one, mid-epoch (step 3 of 4-step epochs), to the same parameters.
+    with pytest.raises(KeyboardInterrupt):
+        train.run(_config(pattern_tar, tmp_path / "c"), model_overrides=TINY_VIT, on_step=kill_after_step_5)
+    newest = tmp_path / "c" / "train" / "checkpoints" / "4" / "state"
+    shutil.rmtree(newest)
+    newest.mkdir()
+    resumed = train.run(_config(pattern_tar, tmp_path / "c", resume=True), model_overrides=TINY_VIT)
+    c = checkpoint.load(resumed["final_checkpoint"])
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a.variables, c.variables)
+    assert [p.name.split("-")[0] for p in (tmp_path / "c" / "train" / "corrupt_checkpoints").iterdir()] == ["4"]
+    # No intact checkpoint at all: a clear error, nothing deleted.
+    for step in os.listdir(tmp_path / "c" / "train" / "checkpoints"):
+        shutil.rmtree(tmp_path / "c" / "train" / "checkpoints" / step / "state")
+        (tmp_path / "c" / "train" / "checkpoints" / step / "state").mkdir()
+    with pytest.raises(ValueError, match="no intact checkpoint in"):
+        train.run(_config(pattern_tar, tmp_path / "c", resume=True), model_overrides=TINY_VIT)
+    assert os.listdir(tmp_path / "c" / "train" / "checkpoints")
 
 
 def test_labels_beyond_num_classes_are_refused(pattern_tar, tmp_path):

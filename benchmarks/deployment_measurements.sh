@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Issue 13, deployment-faithful options measured on/off (BUILD_NOTES.md): BatchNorm folding and
+# bias correction with round-to-nearest. ResNet-18 (CIFAR stem, shared CIFAR-10 checkpoint; 256
+# calibration images of train.tar, all 10,000 test images) and EfficientNet-Lite0 (package
+# weights; 256 images of imagenet/calib, all 1,790 of imagenet/val). Repo root.
+# SETTINGS (default 4:4 4:8 6:6, as w_bits:a_bits); MODELS (default r18 lite0).
+set -eu
+PY=.venv/bin/python
+[ -d runs/weights/resnet18_cifar10 ] || $PY -m weights_convert --model=resnet18_cifar \
+  --checkpoint=../shared/data/weights/resnet18_cifar10/resnet18_cifar10.safetensors \
+  --mean=0.4914,0.4822,0.4465 --std=0.2470,0.2435,0.2616 --out=runs/weights/resnet18_cifar10
+R18="--model=resnet18_cifar --weights=runs/weights/resnet18_cifar10 --batch_size=250
+  --calib_dataset=tar:../shared/data/cifar10/train.tar --dataset=tar:../shared/data/cifar10/test.tar"
+LITE0="--model=efficientnet_lite0 --weights=package --batch_size=64
+  --calib_dataset=folder:../shared/data/imagenet/calib --dataset=folder:../shared/data/imagenet/val"
+for m in ${MODELS:-r18 lite0}; do
+  [ $m = r18 ] && ARGS=$R18 || ARGS=$LITE0
+  for setting in ${SETTINGS:-4:4 4:8 6:6}; do
+    w=${setting%:*}; a=${setting#*:}
+    for options in "--fold_batchnorm" "--fold_batchnorm --bias_correction"; do
+      tag=$(echo "$options" | tr -d ' -' | sed 's/fold_batchnorm/fold/; s/bias_correction/_bc/')
+      $PY -m experiments.ptq $ARGS --w_bits=$w --a_bits=$a $options --workdir=runs/${m}_w${w}a${a}_$tag
+    done
+  done
+done
