@@ -79,18 +79,30 @@ def load(directory: str | os.PathLike) -> Checkpoint:
 
     Raises:
       FileNotFoundError: not a checkpoint directory.
-      ValueError: metadata of an unknown format.
+      ValueError: metadata that is not JSON, of an unknown format, or lacking a field;
+        variables that orbax cannot read (each names the file).
     """
     directory = os.path.abspath(os.fspath(directory))
     meta_path = os.path.join(directory, METADATA_FILE)
     if not os.path.isfile(meta_path):
         raise FileNotFoundError(f"{directory} is not an eqjax checkpoint (no {METADATA_FILE})")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{meta_path}: format_version {meta.get('format_version')!r}, "
-                         f"expected {FORMAT_VERSION}")
-    variables = ocp.StandardCheckpointer().restore(os.path.join(directory, VARIABLES_DIR))
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{meta_path} is corrupt: not JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise ValueError(f"{meta_path}: format_version {version!r}, expected {FORMAT_VERSION}")
+    missing = [k for k in ("model", "num_classes", "preprocessing") if k not in meta]
+    if missing:
+        raise ValueError(f"{meta_path} is corrupt: no {', '.join(missing)}")
+    variables_path = os.path.join(directory, VARIABLES_DIR)
+    try:
+        variables = ocp.StandardCheckpointer().restore(variables_path)
+    except Exception as e:  # orbax raises many types for missing or corrupt files
+        raise ValueError(f"cannot read the variables in {variables_path} "
+                         f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
     return Checkpoint(meta["model"], int(meta["num_classes"]),
                       models.Preprocessing.from_dict(meta["preprocessing"]), variables,
                       meta.get("source", ""))

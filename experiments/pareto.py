@@ -4,7 +4,9 @@
 
 Reads every matching results.json (each holds top1, fp32_top1 and energy.relative), adds
 the FP32 point of each model, computes the non-dominated set (lower energy, higher top-1)
-per model, prints it, and writes WORKDIR/pareto/results.json and pareto.png.
+per model, prints it, and writes WORKDIR/pareto/results.json and pareto.png. Results made with
+reconstruction PTQ (``--reconstruct``) are drawn apart, with two fronts: round-to-nearest
+points only, and all points.
 """
 
 from __future__ import annotations
@@ -27,10 +29,18 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", "runs/default", "Output folder; results go to WORKDIR/pareto/.")
 
 
+def _method(result: dict) -> str:
+    """``nearest`` (round-to-nearest PTQ) or the reconstruction method of a result."""
+    return (result.get("reconstruction") or {}).get("method", "nearest")
+
+
 def _label(result: dict, path: str) -> str:
+    method = _method(result)
+    suffix = "" if method == "nearest" else f" + {method}"
     if result.get("experiment") == "mixed":
-        return f"mixed ({result.get('config', {}).get('strategy', '?')})"
-    return f"W{result.get('w_bits')}A{result.get('a_bits')} {result.get('config', {}).get('calib_method', '')}".strip()
+        return f"mixed ({result.get('config', {}).get('strategy', '?')}){suffix}"
+    name = f"W{result.get('w_bits')}A{result.get('a_bits')} {result.get('config', {}).get('calib_method', '')}"
+    return name.strip() + suffix
 
 
 def load_points(patterns) -> list[dict]:
@@ -45,9 +55,10 @@ def load_points(patterns) -> list[dict]:
         if missing:
             raise ValueError(f"{path} lacks {', '.join(missing)} (not a ptq/mixed result with energy)")
         points.append({"model": result["model"], "label": _label(result, path), "path": path,
-                       "relative_energy": result["energy"]["relative"], "top1": result["top1"]})
-        fp32 = {"model": result["model"], "label": "FP32", "path": path, "relative_energy": 1.0,
-                "top1": result["fp32_top1"]}
+                       "method": _method(result), "relative_energy": result["energy"]["relative"],
+                       "top1": result["top1"]})
+        fp32 = {"model": result["model"], "label": "FP32", "path": path, "method": "nearest",
+                "relative_energy": 1.0, "top1": result["fp32_top1"]}
         if not any(p["model"] == fp32["model"] and p["label"] == "FP32" for p in points):
             points.append(fp32)
     return points
@@ -56,13 +67,20 @@ def load_points(patterns) -> list[dict]:
 def _plot(path, by_model):
     plt = common.pyplot()
     fig, axes = plt.subplots(1, len(by_model), figsize=(6 * len(by_model), 4.5), squeeze=False)
-    for ax, (model, (points, front)) in zip(axes[0], by_model.items()):
-        ax.scatter([p["relative_energy"] for p in points], [p["top1"] for p in points], color="grey")
+    for ax, (model, (points, front, nearest_front)) in zip(axes[0], by_model.items()):
+        reconstructed = [p["method"] != "nearest" for p in points]
+        for flag, color, name in ((False, "grey", "round-to-nearest"), (True, "tab:blue", "reconstructed")):
+            mine = [p for p, r in zip(points, reconstructed) if r == flag]
+            if mine:
+                ax.scatter([p["relative_energy"] for p in mine], [p["top1"] for p in mine], color=color, label=name)
         for p in points:
             ax.annotate(p["label"], (p["relative_energy"], p["top1"]), fontsize=7,
                         textcoords="offset points", xytext=(3, 3))
+        if any(reconstructed):
+            ax.plot([points[i]["relative_energy"] for i in nearest_front], [points[i]["top1"] for i in nearest_front],
+                    "--", color="grey", label="front, round-to-nearest")
         ax.plot([points[i]["relative_energy"] for i in front], [points[i]["top1"] for i in front],
-                "o-", color="tab:red", label="Pareto front")
+                "o-", color="tab:red", label="Pareto front" + (" (all)" if any(reconstructed) else ""))
         ax.set_xlabel("energy relative to FP32")
         ax.set_ylabel("top-1 (%)")
         ax.set_title(model)
@@ -77,11 +95,17 @@ def run(patterns, workdir: str) -> dict:
     by_model = {}
     for model in sorted({p["model"] for p in points}):
         mine = [p for p in points if p["model"] == model]
-        by_model[model] = (mine, pareto_front([p["relative_energy"] for p in mine], [p["top1"] for p in mine]))
+        nearest = [i for i, p in enumerate(mine) if p["method"] == "nearest"]
+        nearest_front = [nearest[i] for i in pareto_front([mine[i]["relative_energy"] for i in nearest],
+                                                          [mine[i]["top1"] for i in nearest])]
+        by_model[model] = (mine, pareto_front([p["relative_energy"] for p in mine], [p["top1"] for p in mine]),
+                           nearest_front)
     _plot(f"{out}/pareto.png", by_model)
     result = {"experiment": "pareto", "config": {"results": list(patterns), "workdir": workdir},
               "environment": common.environment(),
-              "models": {m: {"points": pts, "front": [pts[i] for i in front]} for m, (pts, front) in by_model.items()}}
+              "models": {m: {"points": pts, "front": [pts[i] for i in front],
+                             "front_nearest": [pts[i] for i in nearest_front]}
+                         for m, (pts, front, nearest_front) in by_model.items()}}
     result["results_path"] = common.write_json_atomic(f"{out}/results.json", result)
     return result
 
@@ -90,7 +114,7 @@ def main(argv):
     del argv
     result = run(FLAGS.results, FLAGS.workdir)
     for model, entry in result["models"].items():
-        print(f"{model}: {len(entry['points'])} points, Pareto front:")
+        print(f"{model}: {len(entry['points'])} points, Pareto front (all points):")
         for p in entry["front"]:
             print(f"  {p['label']:24s} energy {p['relative_energy']:.4f}  top-1 {p['top1']:.2f}%")
     print(f"wrote {result['results_path']} and pareto.png")

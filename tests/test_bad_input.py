@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 import eqjax
-from eqjax import calibration, data, numerics, ptq, reconstruction
+from eqjax import calibration, checkpoint, data, numerics, ptq, reconstruction
 from tests.image_tar import write_image_tar
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -280,13 +280,10 @@ def _assert_failed_early(script, config, tmp_path, error, message):
 
 
 def test_class_folders_that_are_not_the_models_classes(tmp_path, good_tar):
-    from experiments import common
-
     weights = tmp_path / "weights"
     spec = eqjax.models.get("resnet18_cifar")
-    eqjax.checkpoint.save(weights, spec.init(jax.random.key(0), num_classes=10, stage_sizes=(1, 1), widths=(8, 16)),
+    checkpoint.save(weights, spec.init(jax.random.key(0), num_classes=10, stage_sizes=(1, 1), widths=(8, 16)),
                           model="resnet18_cifar", num_classes=10, preprocessing=spec.preprocessing)
-    del common
     script, config = _ptq_config(tmp_path, weights=str(weights), dataset=f"tar:{good_tar}",
                                  calib_dataset=f"tar:{good_tar}")
     _assert_failed_early(script, config, tmp_path, ValueError,
@@ -345,6 +342,20 @@ def test_mixed_budget_without_budget_strategy(tmp_path):
                              ptq=eqjax.PTQConfig(), budget=0.5)
 
 
+def test_mixed_infeasible_budget_names_the_smallest_feasible_one(tmp_path, good_tar):
+    from experiments import mixed, workload as workload_lib
+
+    config = mixed.MixedRunConfig(
+        workload=workload_lib.WorkloadConfig(model="resnet18_cifar", weights="random", dataset=f"tar:{good_tar}",
+                                             calib_dataset=f"tar:{good_tar}", eval_images=4, calib_images=4),
+        ptq=eqjax.PTQConfig(), strategy="budget", budget=0.01, workdir=str(tmp_path / "work"))
+    logged = []
+    with pytest.raises(ValueError, match=r"--budget=0.01 is below the smallest feasible relative energy 0\.1051 \(every layer at 4 bits\)"):
+        mixed.run(config, log=logged.append)
+    assert not any("calibrating on" in line for line in logged)
+    assert not os.path.exists(tmp_path / "work" / "mixed" / "results.json")
+
+
 # ---------------------------------------------------------------------------------------------
 # The command line: one line on stderr, exit status 2, no traceback
 # ---------------------------------------------------------------------------------------------
@@ -376,3 +387,19 @@ def test_cli_prints_one_error_line_and_exits_2(tmp_path, good_tar, args, message
     assert len(errors) == 1
     assert not (tmp_path / "work").exists() or not any(
         name.endswith(".json") for _, _, files in os.walk(tmp_path / "work") for name in files)
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda d: open(os.path.join(d, "eqjax_checkpoint.json"), "w").write("{not json"), r"is corrupt: not JSON"),
+    (lambda d: open(os.path.join(d, "eqjax_checkpoint.json"), "w").write('{"format_version": 1}'),
+     r"eqjax_checkpoint.json is corrupt: no model, num_classes, preprocessing"),
+    (lambda d: __import__("shutil").rmtree(os.path.join(d, "variables")), r"cannot read the variables in .*variables"),
+], ids=["json", "fields", "variables"])
+def test_corrupt_checkpoint_names_the_file(tmp_path, corrupt, message):
+    spec = eqjax.models.get("resnet18_cifar")
+    directory = checkpoint.save(tmp_path / "ck", spec.init(jax.random.key(0), num_classes=4, stage_sizes=(1, 1),
+                                                               widths=(8, 16)),
+                                      model="resnet18_cifar", num_classes=4, preprocessing=spec.preprocessing)
+    corrupt(directory)
+    with pytest.raises(ValueError, match=message):
+        checkpoint.load(directory)

@@ -87,7 +87,7 @@ def test_trace_any_flax_model():
         ("stem", "conv", (3, 3, 3, 4)), ("out", "dense", (256, 2))]
 
 
-def test_depthwise_fast_path_matches_lax():
+def test_depthwise_and_pointwise_fast_paths_match_lax():
     from jax import lax
 
     from eqjax.models import ops
@@ -102,6 +102,16 @@ def test_depthwise_fast_path_matches_lax():
             got = ops.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=dn,
                                            feature_group_count=6)
             np.testing.assert_allclose(got, ref, atol=1e-5)
+    # Pointwise (1x1) convs: a matrix product where it applies (stride 1, no padding), lax otherwise;
+    # values and gradients as lax's.
+    w1 = jax.random.normal(jax.random.key(2), (1, 1, 6, 4), jnp.float32)
+    for stride, padding in ((1, "SAME"), (1, ((0, 0), (0, 0))), (2, "SAME"), (1, ((1, 0), (0, 1)))):
+        conv = lambda f, x, w: f(x, w, (stride, stride), padding, dimension_numbers=dn)
+        ref, got = conv(lax.conv_general_dilated, x, w1), conv(ops.conv_general_dilated, x, w1)
+        np.testing.assert_allclose(got, ref, atol=1e-5)
+        grads = [jax.grad(lambda x, w: jnp.sum(jnp.sin(conv(f, x, w))), argnums=(0, 1))(x, w1)
+                 for f in (lax.conv_general_dilated, ops.conv_general_dilated)]
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), *grads)
 
 
 def test_preprocessing_validation():

@@ -50,7 +50,7 @@ def _bn(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
 def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str, groups: int = 1) -> nn.Conv:
     return nn.Conv(features, (kernel, kernel), (stride, stride), padding="SAME", use_bias=False,
                    feature_group_count=groups, dtype=dtype, name=name,
-                   conv_general_dilated=ops.conv_general_dilated if groups > 1 else None)
+                   conv_general_dilated=ops.conv_general_dilated)
 
 
 class DepthwiseSeparable(nn.Module):
