@@ -7,31 +7,16 @@ import numpy as np
 import pytest
 
 from eqjax import apply, folding, models, ptq
+from tests.random_init import random_batch_norms
 
 TINY = dict(stage_sizes=(1, 1), widths=(8, 16))
-
-
-def _random_batch_norms(variables, key):
-    """Every BatchNorm scale, bias, mean and variance random (init leaves them 1, 0, 0, 1)."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(variables)
-    keys = jax.random.split(key, len(leaves))
-    out = []
-    for (path, leaf), k in zip(leaves, keys):
-        names = [getattr(p, "key", "") for p in path]
-        if any(str(n).startswith("bn") for n in names) or names[-1] in ("mean", "var"):
-            if names[-1] in ("scale", "var"):
-                leaf = jax.random.uniform(k, leaf.shape, minval=0.3, maxval=2.0)
-            else:
-                leaf = 0.5 * jax.random.normal(k, leaf.shape)
-        out.append(leaf)
-    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 @pytest.fixture(scope="module")
 def tiny_resnet():
     spec = models.get("resnet18_cifar")
     model = spec.build(num_classes=10, **TINY)
-    variables = _random_batch_norms(spec.init(jax.random.key(0), num_classes=10, **TINY), jax.random.key(2))
+    variables = random_batch_norms(spec.init(jax.random.key(0), num_classes=10, **TINY), jax.random.key(2))
     images = np.asarray(jax.random.normal(jax.random.key(1), (16, 32, 32, 3), jnp.float32))
     return model, variables, images
 
@@ -73,7 +58,7 @@ class ConvBnDense(nn.Module):
 def test_bias_correction_restores_each_layer_output_mean():
     model = ConvBnDense()
     images = np.asarray(jax.random.normal(jax.random.key(0), (32, 6, 6, 3)) + 0.7)  # non-zero input mean
-    variables = _random_batch_norms(model.init(jax.random.key(1), images[:1]), jax.random.key(3))
+    variables = random_batch_norms(model.init(jax.random.key(1), images[:1]), jax.random.key(3))
     config = ptq.PTQConfig(w_bits=3, keep_first_last_bits=None)
     policy = ptq.calibrate(model, variables, [images], config)
     qvars = apply.quantize_weights(variables, policy)

@@ -62,6 +62,54 @@ def test_fake_quant_equals_integer_arithmetic():
                                       eqjax.dequantize(q, s, axis=0))
 
 
+def _numpy_reference(x, bits, axis, signed):
+    """eqs. (3)-(4) in NumPy float64, written from the paper, not from eqjax: (x̂, s, x/s)."""
+    x = np.asarray(x, np.float64)
+    q_min, q_max = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+    magnitude = np.abs(x) if signed else np.maximum(x, 0)
+    reduce = tuple(i for i in range(x.ndim) if i != axis) if axis is not None else None
+    peak = magnitude.max(axis=reduce, keepdims=True)
+    s = np.where(peak > 0, peak, 1.0) / q_max
+    return s * np.clip(np.round(x / s), q_min, q_max), s, x / s, (q_min, q_max)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("axis", [None, 1])
+def test_fake_quant_matches_an_independent_numpy_reference_under_jit(signed, axis):
+    x = np.asarray(jax.random.normal(jax.random.key(7), (5, 6, 4), jnp.float32)) * np.arange(1, 7)[None, :, None]
+    x = x if signed else np.abs(x) * (np.arange(5) % 2)[:, None, None]  # non-negative, some zeros
+    for bits in range(2, 17):
+        got = np.asarray(jax.jit(lambda v, b: eqjax.quantize(v, b, axis=axis, signed=signed))(x, jnp.int32(bits)))
+        expected, s, _, _ = _numpy_reference(x, bits, axis, signed)
+        # float32 computation against float64: one grid step apart at most where x/s sits on a .5 tie.
+        off = np.abs(got - expected) > 1e-5 * np.abs(expected).max()
+        assert off.mean() < 0.01, (bits, off.sum())
+        np.testing.assert_allclose(got[~off], expected[~off], rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_gradients_match_the_ste_and_lsq_formulas_per_channel(bits):
+    """d/dx = 1 inside the grid, 0 outside; d/ds_c = Σ_{i in c} g_i·(round(x/s) − x/s inside, q_min
+    below, q_max above) (LSQ, Esser et al. 2020, eq. 3); the clip c = s·q_max gets d/ds / q_max."""
+    x = np.asarray(jax.random.normal(jax.random.key(8), (6, 5), jnp.float32)) * np.arange(1, 6)
+    g = np.asarray(jax.random.normal(jax.random.key(9), (6, 5), jnp.float32))
+    _, s_ref, _, (q_min, q_max) = _numpy_reference(x, bits, 1, True)
+    scale = (s_ref[0] * 0.6).astype(np.float32)  # clips the largest values of every channel
+    loss = lambda v, s: jnp.sum(eqjax.quantize(v, bits, scale=s, axis=1) * g)
+    grad_x, grad_s = jax.grad(loss, argnums=(0, 1))(x, scale)
+    ratio = x / scale.astype(np.float64)
+    inside = (ratio >= q_min) & (ratio <= q_max)
+    assert (~inside).any() and inside.any()
+    np.testing.assert_array_equal(np.asarray(grad_x), np.where(inside, g, 0.0))
+    d_scale = np.where(ratio < q_min, q_min, np.where(ratio > q_max, q_max, np.round(ratio) - ratio))
+    np.testing.assert_allclose(np.asarray(grad_s), (g * d_scale).sum(axis=0), rtol=1e-4, atol=1e-4)
+    # Per tensor, through the clip c = s·q_max of calibrated activations: d/dc = d/ds / q_max.
+    s0 = jnp.float32(scale[0])
+    grad_s0 = jax.grad(lambda s: jnp.sum(eqjax.quantize(x, bits, scale=s) * g))(s0)
+    grad_clip = jax.grad(lambda c: jnp.sum(numerics.quantize_clipped(jnp.asarray(x), bits, c) * g))(s0 * q_max)
+    np.testing.assert_allclose(float(grad_clip), float(grad_s0) / q_max, rtol=1e-4)
+
+
 def test_per_channel_equals_each_channel_alone():
     x = jax.random.normal(jax.random.key(1), (5, 7, 6), jnp.float32) * jnp.arange(1, 7, dtype=jnp.float32)[None, None, :]
     per_channel = eqjax.quantize(x, 4, axis=-1)
@@ -75,10 +123,13 @@ def test_error_decreases_with_bits():
     assert errors[0] < errors[1] < errors[2]
 
 
-def test_bf16_input_keeps_dtype():
+def test_bf16_input_keeps_dtype_and_values():
     x = jax.random.normal(jax.random.key(3), (64,), jnp.bfloat16)
     y = eqjax.quantize(x, 8)
     assert y.dtype == jnp.bfloat16 and y.shape == x.shape
+    # Computed in float32 and cast back: the float32 result rounded to bf16.
+    expected = eqjax.quantize(x.astype(jnp.float32), 8).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(expected, np.float32))
 
 
 def test_ste_gradient_identity_inside_zero_outside():

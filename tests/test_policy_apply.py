@@ -9,6 +9,8 @@ import pytest
 
 import eqjax
 from eqjax import apply, intercept, metrics, models, policy as policy_lib
+from jax.sharding import NamedSharding, PartitionSpec
+from tests.random_init import random_batch_norms
 
 TINY = dict(stage_sizes=(1, 1), widths=(8, 16))
 
@@ -18,8 +20,7 @@ def tiny_resnet():
     spec = models.get("resnet18_cifar")
     model = spec.build(num_classes=10, **TINY)
     variables = spec.init(jax.random.key(0), num_classes=10, **TINY)
-    # Non-trivial BN statistics so activations are not all alike.
-    variables = jax.tree_util.tree_map(lambda x: x, variables)
+    variables = random_batch_norms(variables, jax.random.key(2))  # init leaves them 1, 0, 0, 1
     calls = spec.trace(num_classes=10, **TINY)
     images = jax.random.normal(jax.random.key(1), (16, 32, 32, 3), jnp.float32)
     stats = apply.collect_activation_stats(model, variables, [images[:8], images[8:]],
@@ -169,6 +170,7 @@ def test_sharded_evaluation_equals_single_device(tiny_resnet):
     assert jax.device_count() == 8, "conftest sets 8 fake CPU devices"
     labels = np.array(jnp.argmax(model.apply(variables, images), -1))
     labels[::3] = (labels[::3] + 1) % 10
+    labels[0] = 9
     batches = lambda: [(np.asarray(images[i:i + 6]), labels[i:i + 6]) for i in range(0, 16, 6)]
     policy = _policy(calls, stats, 4)
     fn = lambda state, x: apply.quantized_apply(model, state[0], state[1], x)
@@ -177,6 +179,13 @@ def test_sharded_evaluation_equals_single_device(tiny_resnet):
                               mesh=metrics.single_device_mesh())
     assert sharded["num_images"] == single["num_images"] == 16
     assert sharded["top1"] == single["top1"] and sharded["top5"] == single["top5"]
+    # The claim behind it: each image's logits are the same on 8 devices (2 images each) and on one.
+    mesh = metrics.data_mesh()
+    on_8 = jax.jit(fn)(jax.device_put((variables, policy), NamedSharding(mesh, PartitionSpec())),
+                       jax.device_put(images, NamedSharding(mesh, PartitionSpec("data"))))
+    on_1 = jax.jit(fn)(jax.device_put((variables, policy), jax.devices()[0]), jax.device_put(images, jax.devices()[0]))
+    assert len(on_8.sharding.device_set) == 8
+    np.testing.assert_array_equal(np.asarray(on_8), np.asarray(on_1))
     with pytest.raises(ValueError, match=r"labels must be in \[0, 5\)"):
         metrics.evaluate(fn, (variables, policy), batches(), batch_size=6, num_classes=5)
 
