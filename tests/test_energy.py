@@ -138,3 +138,25 @@ def test_pareto_front():
     energies = [1.0, 0.25, 0.2, 0.15, 0.12, 0.3]
     accuracies = [74.0, 74.0, 73.0, 73.5, 60.0, 70.0]
     assert pareto_front(energies, accuracies) == [4, 3, 1]
+
+
+# BUILD_NOTES "Relative energy, first/last layer at 8 bits": (W8A8, W6A6, W4A4, memory share at W8A8).
+ENERGY_TABLE = {
+    ("resnet18_cifar", "paper"): (0.216, 0.160, 0.106, 0.947),
+    ("resnet18_cifar", "horowitz45nm"): (0.206, 0.154, 0.104, 0.924),
+    ("deit_tiny", "paper"): (0.202, 0.150, 0.100, 0.919),
+    ("deit_tiny", "horowitz45nm"): (0.189, 0.143, 0.098, 0.885),
+    ("efficientnet_lite0", "paper"): (0.232, 0.179, 0.126, 0.974),
+}
+
+
+@pytest.mark.parametrize("model, preset", list(ENERGY_TABLE))
+def test_build_notes_energy_table(model, preset):
+    spec = models.get(model)
+    counts = energy.count_layers(spec.build(), spec.example_input(1))
+    *relative, memory_share = ENERGY_TABLE[(model, preset)]
+    for b, expected in zip((8, 6, 4), relative):
+        bits = _uniform(spec, b, keep=8)
+        assert round(energy.relative_energy(counts, bits, energy.PRESETS[preset]), 3) == expected, b
+    report = energy.energy_report(counts, _uniform(spec, 8, keep=8), energy.PRESETS[preset])
+    assert round(report["memory_share"], 3) == memory_share
