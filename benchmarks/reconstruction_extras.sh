@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Issue 13 follow-ups (BUILD_NOTES.md), each a PART (default: all, in this order):
 #   lite0_bc      EfficientNet-Lite0 W4A4 round-to-nearest + bias correction
+#   lite0_brecq   EfficientNet-Lite0 W4A4 BRECQ (300 iterations x 16 images per unit), then its state
+#                 reused with bias correction (not in the default PARTS: about 1.5 h on 2 cores)
 #   r18_bc        ResNet-18 W4A4 BRECQ state of reconstruction_measurements.sh + bias correction
 #   r18_mixed     ResNet-18 budgeted mixed precision (relative energy 0.13), without and with BRECQ
 #   r18_iters     ResNet-18 W4A4 BRECQ at 100 iterations per unit (300 is in reconstruction_measurements.sh)
+#   r18_w2a4      ResNet-18 W2A4 round-to-nearest and BRECQ (300 iterations)
 #   r18_fisher    ResNet-18 W4A4 BRECQ with the Fisher-weighted output loss
 #   pareto        the accuracy-energy fronts with and without reconstruction
 # Data as in reconstruction_measurements.sh; run from the repo root after it.
@@ -14,9 +17,13 @@ R18="--model=resnet18_cifar --weights=runs/weights/resnet18_cifar10 --batch_size
 LITE0="--model=efficientnet_lite0 --weights=package --batch_size=64
   --calib_dataset=folder:../shared/data/imagenet/calib --dataset=folder:../shared/data/imagenet/val"
 RECON="--reconstruct=brecq --recon_batch_size=16"
-for part in ${PARTS:-lite0_bc r18_bc r18_mixed r18_iters r18_fisher pareto}; do
+for part in ${PARTS:-lite0_bc r18_bc r18_mixed r18_iters r18_w2a4 r18_fisher pareto}; do
   case $part in
     lite0_bc) $PY -m experiments.ptq $LITE0 --bits=4 --bias_correction --workdir=runs/lite0_w4a4_bc ;;
+    lite0_brecq)
+      $PY -m experiments.ptq $LITE0 --bits=4 $RECON --recon_iterations=300 --workdir=runs/lite0_w4a4_brecq_300_b16
+      $PY -m experiments.ptq $LITE0 --bits=4 $RECON --recon_iterations=300 --bias_correction \
+        --recon_state=runs/lite0_w4a4_brecq_300_b16/ptq/reconstruction --workdir=runs/lite0_w4a4_brecq_300_b16_bc ;;
     r18_bc) $PY -m experiments.ptq $R18 --bits=4 $RECON --recon_iterations=300 --bias_correction \
               --recon_state=runs/r18c10_w4a4_brecq_300_b16/ptq/reconstruction --workdir=runs/r18c10_w4a4_brecq_300_b16_bc ;;
     r18_mixed)
@@ -24,6 +31,9 @@ for part in ${PARTS:-lite0_bc r18_bc r18_mixed r18_iters r18_fisher pareto}; do
       $PY -m experiments.mixed $R18 --strategy=budget --budget=0.13 $RECON --recon_iterations=300 \
         --sensitivity_json=runs/r18c10_mixed_b013/mixed/results.json --workdir=runs/r18c10_mixed_b013_brecq_300_b16 ;;
     r18_iters) $PY -m experiments.ptq $R18 --bits=4 $RECON --recon_iterations=100 --workdir=runs/r18c10_w4a4_brecq_100_b16 ;;
+    r18_w2a4)
+      $PY -m experiments.ptq $R18 --w_bits=2 --a_bits=4 --workdir=runs/r18c10_w2a4
+      $PY -m experiments.ptq $R18 --w_bits=2 --a_bits=4 $RECON --recon_iterations=300 --workdir=runs/r18c10_w2a4_brecq_300_b16 ;;
     r18_fisher) $PY -m experiments.ptq $R18 --bits=4 $RECON --recon_iterations=300 --recon_fisher \
                   --workdir=runs/r18c10_w4a4_brecq_300_b16_fisher ;;
     pareto)

@@ -325,10 +325,10 @@ def resize_and_crop(image: Image.Image, pre: Preprocessing) -> np.ndarray:
     scale_size = math.floor(size / pre.crop_pct)
     w, h = image.size
     if (w, h) != (scale_size, scale_size) or w != h:
-        if w <= h:
-            new_w, new_h = scale_size, max(1, int(round(h * scale_size / w)))
+        if w <= h:  # the long side truncated, as torchvision's Resize(int) does
+            new_w, new_h = scale_size, max(1, int(scale_size * h / w))
         else:
-            new_w, new_h = max(1, int(round(w * scale_size / h))), scale_size
+            new_w, new_h = max(1, int(scale_size * w / h)), scale_size
         if (new_w, new_h) != (w, h):
             image = image.resize((new_w, new_h), _PIL_INTERPOLATION[pre.interpolation])
         w, h = new_w, new_h

@@ -36,7 +36,8 @@ def _method(result: dict) -> str:
 
 def _label(result: dict, path: str) -> str:
     method = _method(result)
-    suffix = "" if method == "nearest" else f" + {method}"
+    suffix = ("" if method == "nearest" else f" + {method}") + (
+        " + bias corr." if result.get("config", {}).get("bias_correction") else "")
     if result.get("experiment") == "mixed":
         return f"mixed ({result.get('config', {}).get('strategy', '?')}){suffix}"
     name = f"W{result.get('w_bits')}A{result.get('a_bits')} {result.get('config', {}).get('calib_method', '')}"

@@ -89,6 +89,24 @@ def test_preprocess_resize_crop_normalize():
     assert grey.shape == (32, 32, 3)
 
 
+@pytest.mark.parametrize("size, crop_pct, interpolation", [((400, 300), 0.875, "bicubic"), ((150, 333), 0.9, "bilinear"),
+                                                           ((224, 224), 1.0, "bilinear")])
+def test_preprocess_geometry_matches_timm(size, crop_pct, interpolation):
+    """Resize of the shorter side, centre crop and normalisation against timm's eval transform,
+    on a gradient image (a uniform one would hide any shift or scale of the crop)."""
+    pytest.importorskip("torch", reason="needs torch and timm (extra convert)")
+    timm_data = pytest.importorskip("timm.data", reason="needs timm (extra convert)")
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    image = Image.fromarray(np.stack([xx * 255 // (w - 1), yy * 255 // (h - 1), (xx + 2 * yy) % 256], -1).astype(np.uint8))
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    transform = timm_data.create_transform(input_size=(3, 224, 224), crop_pct=crop_pct, interpolation=interpolation,
+                                           mean=mean, std=std)
+    expected = transform(image).numpy().transpose(1, 2, 0)
+    got = data.preprocess(image, models.Preprocessing(224, mean, std, crop_pct, interpolation))
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
 def test_sampling_is_deterministic_and_calibration_disjoint(tar_dataset):
     a = data.sample_indices(100, 10, seed=3)
     assert np.array_equal(a, data.sample_indices(100, 10, seed=3)) and len(set(a)) == 10
