@@ -24,6 +24,43 @@ def test_ranking_loss_is_zero_for_kept_orders_and_positive_for_a_swap():
     assert float(ranking.kept_order_fraction(ties, jnp.asarray([[5.0, 0.0, 9.0]]))) == 1.0  # tied pair ignored
 
 
+def _loop_ranking_loss(reference, quantized, margin, mask):
+    """The loss written as the paper's double sum, in plain Python over every row and pair."""
+    total, count = 0.0, 0
+    for row in np.ndindex(reference.shape[:-1]):
+        a, q = reference[row], quantized[row]
+        for i in range(len(a)):
+            for j in range(i + 1, len(a)):
+                if a[i] == a[j] or not mask[i, j]:
+                    continue
+                total += max(margin - (q[i] - q[j]) * np.sign(a[i] - a[j]), 0.0)
+                count += 1
+    return total / max(count, 1)
+
+
+@pytest.mark.parametrize("margin", [0.0, 0.3])
+def test_ranking_loss_against_a_loop_over_rows_pairs_ties_and_masks(margin):
+    rng = np.random.default_rng(0)
+    reference = rng.integers(0, 4, (2, 3, 6)).astype(np.float32)  # small integers: many ties
+    quantized = reference + rng.normal(0, 0.6, reference.shape).astype(np.float32)
+    mask = rng.random((6, 6)) < 0.7
+    for m in (np.ones((6, 6), bool), mask):
+        got = float(ranking.ranking_loss(jnp.asarray(reference), jnp.asarray(quantized), margin=margin,
+                                         mask=jnp.asarray(m)))
+        assert got == pytest.approx(_loop_ranking_loss(reference, quantized, margin, m), rel=1e-5)
+    assert float(ranking.ranking_loss(jnp.asarray(reference), jnp.asarray(quantized), margin=margin)) > 0
+
+
+def test_pearson_away_from_plus_minus_one_against_numpy():
+    a = np.asarray(jax.random.normal(jax.random.key(3), (4, 3, 5)))
+    b = 0.5 * a + np.asarray(jax.random.normal(jax.random.key(4), (4, 3, 5)))
+    expected = [np.corrcoef(x.ravel(), y.ravel())[0, 1] for x, y in zip(a, b)]
+    assert all(0.1 < abs(e) < 0.95 for e in expected)
+    np.testing.assert_allclose(ranking.pearson_correlation(jnp.asarray(a), jnp.asarray(b)), expected, rtol=1e-5)
+    cosine = [x.ravel() @ y.ravel() / np.linalg.norm(x) / np.linalg.norm(y) for x, y in zip(a, b)]
+    np.testing.assert_allclose(ranking.cosine_similarity(jnp.asarray(a), jnp.asarray(b)), cosine, rtol=1e-5)
+
+
 def test_ranking_loss_gradients_are_finite_even_with_every_pair_masked():
     key1, key2 = jax.random.split(jax.random.key(0))
     reference = jax.random.normal(key1, (2, 3, 5, 7))

@@ -136,6 +136,33 @@ def test_budget_allocation_is_feasible_and_optimal_vs_brute_force():
         assert result["cost"] <= best + 1e-9
 
 
+def test_budget_with_fixed_bits_matches_brute_force():
+    """Layers outside the cost table (attention matmuls, the pinned first/last layer) keep their
+    fixed bits and their energy counts against the budget."""
+    counts, cost = _toy_problem()
+    fixed = {n: {"w": 8, "a": 8} for n in (counts[0].name, counts[-1].name)}
+    cost = {n: c for n, c in cost.items() if n not in fixed}
+    names = list(cost)
+    model = energy.PRESETS["paper"]
+    by = {c.name: c for c in counts}
+    e = {n: [energy.layer_energy(by[n], b, b, model)["total"] for b in (4, 6, 8)] for n in names}
+    fixed_energy = sum(energy.layer_energy(by[n], 8, 8, model)["total"] for n in fixed)
+    fp32 = sum(energy.layer_energy(c, None, None, model)["total"] for c in counts)
+    for budget in (0.13, 0.16, 0.2):
+        result = mp.budget_bits(cost, counts, budget=budget, fixed_bits=fixed, resolution=20000)
+        assert set(result["bits"]) == set(names)
+        assert result["relative_energy"] <= budget + 1e-12
+        energy_of = lambda combo: (sum(e[n][j] for n, j in zip(names, combo)) + fixed_energy) / fp32
+        bits = {b: j for j, b in enumerate((4, 6, 8))}
+        assert result["relative_energy"] == pytest.approx(energy_of([bits[result["bits"][n]] for n in names]))
+        best = min(sum(cost[n][j] for n, j in zip(names, combo))
+                   for combo in itertools.product(range(3), repeat=len(names))
+                   if energy_of(combo) <= budget - result["max_rounding_gap"])
+        assert result["cost"] <= best + 1e-9
+    with pytest.raises(ValueError, match="layers with neither cost nor fixed bits"):
+        mp.budget_bits(cost, counts, budget=0.2)
+
+
 def test_budget_sweep_respects_every_budget_and_errors():
     counts, cost = _toy_problem()
     smallest = mp.minimum_budget(counts, {}, list(cost), (4, 6, 8), energy.PRESETS["paper"])
