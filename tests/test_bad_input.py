@@ -7,6 +7,7 @@ partial output. Cases run in-process where the library API allows, plus a few re
 
 import io
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -318,11 +319,13 @@ def test_workdir_not_writable(tmp_path, good_tar):
 def test_bad_images_stop_the_run_or_are_skipped_and_recorded(tmp_path, folder_with_bad_images, good_tar):
     import dataclasses
 
-    script, config = _ptq_config(tmp_path, dataset=f"folder:{folder_with_bad_images}",
-                                 calib_dataset=f"tar:{good_tar}")
+    # Calibrating on the bad images stops at the first one (before anything is compiled).
+    script, config = _ptq_config(tmp_path, dataset=f"tar:{good_tar}", calib_dataset=f"folder:{folder_with_bad_images}")
     with pytest.raises(data.BadImageError, match="cannot decode image a/2.jpg"):
         script.run(config, log=lambda line: None)
     assert not os.path.exists(os.path.join(config.workdir, "ptq", "results.json"))
+    script, config = _ptq_config(tmp_path, dataset=f"folder:{folder_with_bad_images}",
+                                 calib_dataset=f"tar:{good_tar}")
     skip = dataclasses.replace(config, workload=dataclasses.replace(config.workload, skip_bad_images=True))
     logged = []
     result = script.run(skip, log=logged.append)
@@ -389,17 +392,22 @@ def test_cli_prints_one_error_line_and_exits_2(tmp_path, good_tar, args, message
         name.endswith(".json") for _, _, files in os.walk(tmp_path / "work") for name in files)
 
 
+@pytest.fixture(scope="module")
+def saved_checkpoint(tmp_path_factory):
+    spec = eqjax.models.get("resnet18_cifar")
+    return checkpoint.save(tmp_path_factory.mktemp("ck") / "ck",
+                           spec.init(jax.random.key(0), num_classes=4, stage_sizes=(1, 1), widths=(8, 16)),
+                           model="resnet18_cifar", num_classes=4, preprocessing=spec.preprocessing)
+
+
 @pytest.mark.parametrize("corrupt, message", [
     (lambda d: open(os.path.join(d, "eqjax_checkpoint.json"), "w").write("{not json"), r"is corrupt: not JSON"),
     (lambda d: open(os.path.join(d, "eqjax_checkpoint.json"), "w").write('{"format_version": 1}'),
      r"eqjax_checkpoint.json is corrupt: no model, num_classes, preprocessing"),
-    (lambda d: __import__("shutil").rmtree(os.path.join(d, "variables")), r"cannot read the variables in .*variables"),
+    (lambda d: shutil.rmtree(os.path.join(d, "variables")), r"cannot read the variables in .*variables"),
 ], ids=["json", "fields", "variables"])
-def test_corrupt_checkpoint_names_the_file(tmp_path, corrupt, message):
-    spec = eqjax.models.get("resnet18_cifar")
-    directory = checkpoint.save(tmp_path / "ck", spec.init(jax.random.key(0), num_classes=4, stage_sizes=(1, 1),
-                                                               widths=(8, 16)),
-                                      model="resnet18_cifar", num_classes=4, preprocessing=spec.preprocessing)
+def test_corrupt_checkpoint_names_the_file(tmp_path, saved_checkpoint, corrupt, message):
+    directory = shutil.copytree(saved_checkpoint, tmp_path / "ck")
     corrupt(directory)
     with pytest.raises(ValueError, match=message):
         checkpoint.load(directory)
