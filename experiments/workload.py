@@ -168,9 +168,9 @@ class Workload:
     def __post_init__(self):
         self.fp32_evaluator = metrics.make_evaluator(lambda variables, x: self.model.apply(variables, x))
         self.quantized_evaluator = metrics.make_evaluator(ptq.quantized_logits_fn(self.model))
-        self.skipped_images: dict[str, None] = {}  # messages of undecodable images, first seen first
+        self.skipped_images: dict[str, str] = {}  # message of an undecodable image -> 'eval' or 'calib'
 
-    def _batches(self, source, indices):
+    def _batches(self, source, indices, role: str):
         skipped = [] if self.config.skip_bad_images else None
         for batch in data.iterate_batches(source, indices, self.preprocessing, batch_size=self.config.batch_size,
                                           skipped=skipped):
@@ -178,13 +178,13 @@ class Workload:
         for message in skipped or ():
             if message not in self.skipped_images:
                 self.log(f"WARNING: skipped: {message}")
-                self.skipped_images[message] = None
+                self.skipped_images[message] = role
 
     def eval_batches(self):
-        return self._batches(self.eval_source, self.eval_indices)
+        return self._batches(self.eval_source, self.eval_indices, "eval")
 
     def calib_batches(self):
-        return self._batches(self.calib_source, self.calib_indices)
+        return self._batches(self.calib_source, self.calib_indices, "calib")
 
     @property
     def layers(self) -> list[str]:
@@ -305,12 +305,12 @@ class Workload:
                 "num_classes": self.num_classes,
                 "config": {**dataclasses.asdict(self.config), **config},
                 "preprocessing": self.preprocessing.to_dict(), "environment": common.environment(),
-                "num_eval_images": int(len(self.eval_indices)) - self._skipped_of(self.eval_source),
-                "num_calib_images": int(len(self.calib_indices)) - self._skipped_of(self.calib_source),
+                "num_eval_images": int(len(self.eval_indices)) - self._skipped("eval"),
+                "num_calib_images": int(len(self.calib_indices)) - self._skipped("calib"),
                 "skipped_images": list(self.skipped_images)}
 
-    def _skipped_of(self, source) -> int:
-        return sum(m.startswith(f"{source.spec}: ") for m in self.skipped_images)
+    def _skipped(self, role: str) -> int:
+        return sum(r == role for r in self.skipped_images.values())
 
     def sweep(self, stats: dict, config: ptq.PTQConfig, bits, *, include_matmuls: bool = False):
         """Sensitivity of the model's layers on the calibration images (labels used if present)."""
