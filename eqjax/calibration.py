@@ -66,14 +66,12 @@ def percentile_scale(x: jax.typing.ArrayLike, bits: Any, *, percentile: float = 
       float32 scale of shape [] or [x.shape[axis]]; a zero clip falls back to absmax.
     """
     x = jnp.asarray(x)
-    numerics.check_values(x)
-    numerics.check_bits(bits)
+    absmax = numerics.absmax_scale(x, bits, axis=axis, signed=signed)  # checks values and bits first
     _check_percentile(percentile)
     axis = numerics.normalize_axis(axis, x.ndim)
     magnitude = _channels_last(_magnitude(x, signed), axis)
     clip = jnp.percentile(magnitude, percentile, axis=0)
     _, q_max = numerics.quant_range(bits, signed=signed, dtype=clip.dtype)
-    absmax = numerics.absmax_scale(x, bits, axis=axis, signed=signed)
     return jnp.where(clip > 0, clip / q_max, absmax)
 
 
@@ -95,16 +93,14 @@ def mse_scale(x: jax.typing.ArrayLike, bits: Any, *, axis: int | None = None, si
       float32 scale of shape [] or [x.shape[axis]], never worse in MSE than absmax.
     """
     x = jnp.asarray(x)
-    numerics.check_values(x)
-    numerics.check_bits(bits)
+    absmax = numerics.absmax_scale(x, bits, axis=axis, signed=signed)  # checks values and bits first
     if num_candidates < 1 or not 0.0 < min_ratio <= 1.0:
         raise ValueError(f"need num_candidates >= 1 and min_ratio in (0, 1], "
                          f"got {num_candidates} and {min_ratio}")
     axis = numerics.normalize_axis(axis, x.ndim)
     flat = _channels_last(x.astype(numerics.compute_dtype(x.dtype)), axis)
     q_min, q_max = numerics.quant_range(bits, signed=signed, dtype=flat.dtype)
-    candidates = _grid_candidates(
-        numerics.absmax_scale(x, bits, axis=axis, signed=signed), num_candidates, min_ratio)
+    candidates = _grid_candidates(absmax, num_candidates, min_ratio)
 
     def error(scale):
         q = numerics.fake_quant(flat, scale.reshape((1,) * (flat.ndim - scale.ndim) + scale.shape),

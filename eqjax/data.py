@@ -151,9 +151,8 @@ class FolderSource:
             classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
             self.classes = classes
             self.class_names_file = find_class_names(root)
-            index = {c: i for i, c in enumerate(classes)}
-            if self.class_names_file:
-                index = class_indices(self.class_names_file, classes)
+            index = (class_indices(self.class_names_file, classes) if self.class_names_file
+                     else {c: i for i, c in enumerate(classes)})
             entries = [(os.path.join(c, f), index[c]) for c in classes
                        for f in sorted(os.listdir(os.path.join(root, c)))
                        if f.lower().endswith(IMAGE_SUFFIXES)]
@@ -347,11 +346,11 @@ class BadImageError(ValueError):
 
 
 def load_image(source: ImageSource, index: int) -> Image.Image:
-    """``source.load(index)`` decoded to RGB; raises :class:`BadImageError` naming the image."""
+    """``source.load(index)``, decoded; raises :class:`BadImageError` naming the image."""
     try:
         image = source.load(index)
         image.load()  # decode now: a truncated file fails here, not somewhere in a batch
-        return image.convert("RGB")
+        return image
     except (OSError, SyntaxError, ValueError) as e:  # what Pillow raises for bad files
         raise BadImageError(f"{source.spec}: cannot decode image {source.ids[index]} "
                             f"({type(e).__name__}: {e})") from None

@@ -131,7 +131,8 @@ def bias_shifts(model: nn.Module, variables: Mapping, quantized_variables: Mappi
 
     @jax.jit
     def batch_sums(variables, deltas, images):
-        sums, busy = {}, []
+        """Per layer: the sum over rows (images × positions) of layer(x; Ŵ − W) [out], and the rows."""
+        sums, rows, busy = {}, {}, []
 
         def record(name, module, call, args, kwargs):
             if busy or name not in deltas or name in sums:
@@ -142,21 +143,24 @@ def bias_shifts(model: nn.Module, variables: Mapping, quantized_variables: Mappi
             shifted = module.clone(parent=None, name=None).apply({"params": params}, *args, **kwargs)
             busy.pop()
             sums[name] = jnp.sum(shifted.astype(jnp.float32).reshape(-1, shifted.shape[-1]), axis=0)
-            sums[name + "#rows"] = jnp.float32(shifted.size // shifted.shape[-1])
+            rows[name] = shifted.size // shifted.shape[-1]
             return call(*args, **kwargs)
 
         with intercept.intercept_calls(record):
             model.apply(variables, images)
-        return sums
+        return sums, rows
 
     totals: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
     for images in batches:
-        for name, s in batch_sums(variables, deltas, images).items():
+        sums, rows = batch_sums(variables, deltas, images)
+        for name, s in sums.items():
             totals[name] = totals.get(name, 0.0) + np.asarray(s, np.float64)
+            counts[name] = counts.get(name, 0) + int(rows[name])
     missing = [n for n in layers if n not in totals]
     if missing:
         raise ValueError(f"no calibration images, or layers the model never called: {', '.join(missing[:5])}")
-    return {n: (totals[n] / totals[n + "#rows"]).astype(np.float32) for n in layers}
+    return {n: (totals[n] / counts[n]).astype(np.float32) for n in layers}
 
 
 def correct_bias(model: nn.Module, variables: Mapping, quantized_variables: Mapping,
@@ -179,8 +183,7 @@ def correct_bias(model: nn.Module, variables: Mapping, quantized_variables: Mapp
     """
     followed_by = {p.layer: p.batchnorm for p in conv_batchnorm_pairs(model, example)}
     layers = [n for n, lq in policy.items() if bool(lq.w_enabled)
-              and intercept.module_variables(variables, n) is not None
-              and "kernel" in intercept.module_variables(variables, n)]
+              and "kernel" in (intercept.module_variables(variables, n) or {})]
     shifts = bias_shifts(model, variables, quantized_variables, layers, batches)
     out, where = dict(quantized_variables), {}
     for name, delta in shifts.items():

@@ -70,9 +70,10 @@ def check_values(x: Any, *, name: str = "x") -> None:
         raise ValueError(f"{name} is empty (shape {shape}): nothing to estimate a scale from")
     values = np.asarray(x)
     if np.issubdtype(values.dtype, np.floating) or values.dtype.name == "bfloat16":
-        finite = np.isfinite(values.astype(np.float32))
+        values = values.astype(np.float32)
+        finite = np.isfinite(values)
         if not finite.all():
-            bad = values.astype(np.float32)[~finite]
+            bad = values[~finite]
             raise ValueError(f"{name} holds {bad.size} non-finite values of {values.size} (e.g. "
                              f"{bad[:3].tolist()}): the scale would be NaN/Inf; clean the input or pass a scale")
 

@@ -257,7 +257,7 @@ class _Checkpoints:
         Raises:
           ValueError: no checkpoint can be restored.
         """
-        failures = []
+        failures: list[tuple[int, str]] = []  # (step, reason)
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 with _quiet_orbax_errors():
@@ -266,14 +266,15 @@ class _Checkpoints:
                         meta=ocp.args.JsonRestore()))
             except Exception as e:  # orbax raises many types for missing/corrupt/mismatched files
                 reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]
-                failures.append(f"step {step}: {reason}")
+                failures.append((step, reason))
                 common.log(f"WARNING: checkpoint step {step} in {self.directory} cannot be restored ({reason})")
                 continue
             if failures:
-                self._set_aside([int(f.split()[1].rstrip(":")) for f in failures])
+                self._set_aside([s for s, _ in failures])
                 common.log(f"resuming from the newest intact checkpoint, step {step}")
             return restored["state"], restored["meta"]
-        raise ValueError(f"no intact checkpoint in {self.directory} ({'; '.join(failures)}); "
+        listing = "; ".join(f"step {s}: {reason}" for s, reason in failures)
+        raise ValueError(f"no intact checkpoint in {self.directory} ({listing}); "
                          "start again in another --workdir")
 
     def _set_aside(self, steps: list[int]) -> None:
