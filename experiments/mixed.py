@@ -8,7 +8,11 @@
 < P25 -> 4. --strategy=budget: bits from --bit_set minimising the summed --cost_metric
 (each layer's score at its own bits) subject to relative energy <= --budget; --budget=percentile
 uses the percentile policy's energy, so the two compare at equal energy. Sensitivities come
-from one sweep on the calibration images (or --sensitivity_json from experiments.sensitivity).
+from one sweep on the calibration images, or from a one-pass estimate
+(--sensitivity_method=fisher|hessian), or --sensitivity_json from experiments.sensitivity.
+With an estimate, --separate_widths gives weights and activations their own widths per layer
+(W4A8 and the like), and --max_gbops, --max_weight_mb, --max_avg_weight_bits add budgets
+beside the energy; those allocations are solved exactly as a MILP (eqjax.allocation).
 Evaluates like experiments.ptq; writes WORKDIR/mixed/results.json and mixed.png.
 """
 
@@ -22,7 +26,8 @@ from typing import Any, Callable
 import numpy as np
 from absl import flags
 
-from eqjax import energy, mixed_precision as mp, policy as policy_lib, ptq, sensitivity
+from eqjax import allocation as allocation_lib, energy, mixed_precision as mp, policy as policy_lib, ptq
+from eqjax import second_order, sensitivity
 from eqjax import reconstruction as reconstruction_lib
 from experiments import common, workload as workload_lib
 
@@ -35,9 +40,19 @@ def define_flags() -> None:
     flags.DEFINE_enum("strategy", "percentile", ["percentile", "budget"], "Allocation rule.")
     flags.DEFINE_string("budget", "0.15", "Relative energy budget (E/E_FP32), or 'percentile' (--strategy=budget only).")
     flags.DEFINE_list("bit_set", ["4", "6", "8"], "Candidate bit widths.")
-    flags.DEFINE_enum("metric", "l2", list(sensitivity.METRICS), "Sensitivity ranking of the percentile rule.")
+    flags.DEFINE_enum("sensitivity_method", "sweep", ["sweep", *second_order.METHODS],
+                      "sweep (exact), or a one-pass estimate: fisher or hessian (experiments.sensitivity --method).")
+    flags.DEFINE_integer("micro_batch", 8, "fisher/hessian: images per weight-gradient sample.")
+    flags.DEFINE_bool("separate_widths", False, "Weights and activations get their own widths per layer "
+                      "(needs --sensitivity_method=fisher|hessian and --strategy=budget).")
+    flags.DEFINE_float("max_gbops", None, "Extra budget: giga bit-operations (MACs x w_bits x a_bits).")
+    flags.DEFINE_float("max_weight_mb", None, "Extra budget: weight storage in MB (biases as float32).")
+    flags.DEFINE_float("max_avg_weight_bits", None, "Extra budget: average bits per weight.")
+    flags.DEFINE_enum("metric", None, list(sensitivity.METRICS), "Sensitivity ranking of the percentile rule "
+                      "(default l2 for the sweep, delta_loss for an estimate).")
     flags.DEFINE_integer("sensitivity_bits", 4, "Bit width at which the percentile rule ranks layers.")
-    flags.DEFINE_enum("cost_metric", "kl", ["l2", "rel_l2", "kl", "delta_loss"], "Cost minimised under a budget.")
+    flags.DEFINE_enum("cost_metric", None, ["l2", "rel_l2", "kl", "delta_loss"], "Cost minimised under a "
+                      "budget (default kl for the sweep, delta_loss for an estimate).")
     flags.DEFINE_integer("matmul_bits", 8, "Bits of the attention matmul operands (not allocated).")
     flags.DEFINE_string("sensitivity_json", None, "Reuse a results.json of experiments.sensitivity.")
     flags.DEFINE_string("workdir", "runs/default", "Output folder; results go to WORKDIR/mixed/.")
@@ -54,9 +69,13 @@ class MixedRunConfig:
     strategy: str = "percentile"
     budget: float | str | None = None
     bit_set: tuple[int, ...] = (4, 6, 8)
-    metric: str = "l2"
+    sensitivity_method: str = "sweep"
+    micro_batch: int = 8
+    separate_widths: bool = False
+    extra_budgets: tuple[tuple[str, float], ...] = ()  # (allocation.BUDGET_KINDS name, bound)
+    metric: str | None = None  # default l2 (sweep) / delta_loss (estimate)
     sensitivity_bits: int = 4
-    cost_metric: str = "kl"
+    cost_metric: str | None = None  # default kl (sweep) / delta_loss (estimate)
     matmul_bits: int = 8
     sensitivity_json: str | None = None
     workdir: str = "runs/default"
@@ -66,6 +85,25 @@ class MixedRunConfig:
     bias_correction: bool = False
 
     def __post_init__(self):
+        estimate = self.sensitivity_method != "sweep"
+        if self.sensitivity_method not in ("sweep", *second_order.METHODS):
+            raise ValueError(f"--sensitivity_method must be sweep, fisher or hessian, got {self.sensitivity_method!r}")
+        for name, default in (("metric", "l2"), ("cost_metric", "kl")):
+            if getattr(self, name) is None:
+                if not self.sensitivity_json:  # else: set by what the file holds, in run()
+                    object.__setattr__(self, name, "delta_loss" if estimate else default)
+            elif estimate and getattr(self, name) != "delta_loss":
+                raise ValueError(f"--sensitivity_method={self.sensitivity_method} estimates delta_loss only; "
+                                 f"--{name}={getattr(self, name)} needs --sensitivity_method=sweep")
+        if self.separate_widths and not (estimate or self.sensitivity_json):
+            raise ValueError("--separate_widths needs per-width weight and activation terms: "
+                             "--sensitivity_method=fisher or hessian (or their --sensitivity_json)")
+        if (self.separate_widths or self.extra_budgets) and self.strategy != "budget":
+            raise ValueError("--separate_widths and --max_* budgets need --strategy=budget")
+        for kind, bound in self.extra_budgets:
+            if kind not in allocation_lib.BUDGET_KINDS or not bound > 0:
+                raise ValueError(f"extra budget {kind}={bound}: kind must be one of "
+                                 f"{allocation_lib.BUDGET_KINDS} and the bound > 0")
         if self.strategy not in ("percentile", "budget"):
             raise ValueError(f"--strategy must be percentile or budget, got {self.strategy!r}")
         if self.strategy == "budget" and self.budget is None:
@@ -98,13 +136,18 @@ def config_from_flags() -> MixedRunConfig:
         workload=workload_lib.workload_config_from_flags(),
         ptq=workload_lib.ptq_config_from_flags(w_bits=8, a_bits=8, keep_first_last_bits=None),
         strategy=FLAGS.strategy, budget=_budget_flag(), bit_set=workload_lib.parse_bits(FLAGS.bit_set, "bit_set"),
+        sensitivity_method=FLAGS.sensitivity_method, micro_batch=FLAGS.micro_batch,
+        separate_widths=FLAGS.separate_widths,
+        extra_budgets=tuple((kind, FLAGS[f"max_{kind}"].value) for kind in ("gbops", "weight_mb", "avg_weight_bits")
+                            if FLAGS[f"max_{kind}"].value is not None),
         metric=FLAGS.metric, sensitivity_bits=FLAGS.sensitivity_bits, cost_metric=FLAGS.cost_metric,
         matmul_bits=FLAGS.matmul_bits, sensitivity_json=FLAGS.sensitivity_json, workdir=FLAGS.workdir,
         reconstruction=workload_lib.reconstruction_config_from_flags(), recon_state=FLAGS.recon_state,
         fold_batchnorm=FLAGS.fold_batchnorm, bias_correction=FLAGS.bias_correction)
 
 
-def _load_sensitivity(path, model, layers):
+def _load_sensitivity(path, model, layers, *, need_separate: bool):
+    """``(SensitivityResult, SecondOrderResult or None)`` from an experiments.sensitivity results.json."""
     with open(path) as f:
         payload = json.load(f)
     if payload.get("model") != model:
@@ -113,8 +156,15 @@ def _load_sensitivity(path, model, layers):
     missing = [n for n in layers if n not in s["layers"]]
     if missing:
         raise ValueError(f"--sensitivity_json={path} lacks layers: {', '.join(missing[:10])}")
-    return sensitivity.SensitivityResult(tuple(s["layers"]), tuple(s["bits"]),
+    sens = sensitivity.SensitivityResult(tuple(s["layers"]), tuple(s["bits"]),
                                          {m: np.asarray(v) for m, v in s["scores"].items()}, s["num_images"])
+    e = payload.get("second_order")
+    if need_separate and not e:
+        raise ValueError(f"--separate_widths needs a one-pass estimate, but --sensitivity_json={path} holds a "
+                         f"{payload.get('method', 'sweep')} result")
+    estimate = e and second_order.SecondOrderResult(tuple(e["layers"]), tuple(e["bits"]), np.asarray(e["weight"]),
+                                                     np.asarray(e["activation"]), e["method"], e["num_images"])
+    return sens, estimate or None
 
 
 def _plot(path, bits, title):
@@ -129,13 +179,15 @@ def _plot(path, bits, title):
 
 
 def allocate(config: MixedRunConfig, sens: sensitivity.SensitivityResult, layers, counts, matmuls,
-             log: Callable[[str], None]) -> tuple[dict[str, int], float | None]:
-    """``({layer: bits}, budget)`` by the percentile rule or the energy-budgeted knapsack."""
+             log: Callable[[str], None], estimate: second_order.SecondOrderResult | None = None
+             ) -> tuple[dict[str, Any], float | None, dict | None]:
+    """``({layer: bits or (w_bits, a_bits)}, budget, MILP report or None)`` by the percentile rule,
+    the energy-budgeted knapsack, or (separate widths, several budgets) the MILP."""
     bit_set = config.bit_set
     percentile = mp.percentile_bits({n: v for n, v in sens.table(config.metric, config.sensitivity_bits).items()
                                      if n in layers}, thresholds=mp.percentile_thresholds(bit_set))
     if config.strategy == "percentile":
-        return percentile, None
+        return percentile, None, None
     energy_model = energy.get_preset(config.workload.energy_preset)
     budget = config.budget
     if budget == "percentile":
@@ -143,9 +195,22 @@ def allocate(config: MixedRunConfig, sens: sensitivity.SensitivityResult, layers
         budget = energy.energy_report(counts, table, energy_model)["relative"]
         log(f"budget = the percentile policy's relative energy {budget:.4f}")
     cost = {n: [sens.table(config.cost_metric, b)[n] for b in bit_set] for n in layers}
-    allocation = mp.budget_bits(cost, counts, budget=budget, bit_set=bit_set, fixed_bits=matmuls,
-                                model=energy_model)["bits"]
-    return allocation, budget
+    if not (config.separate_widths or config.extra_budgets):
+        allocation = mp.budget_bits(cost, counts, budget=budget, bit_set=bit_set, fixed_bits=matmuls,
+                                    model=energy_model)["bits"]
+        return allocation, budget, None
+    if config.separate_widths:
+        rows = {n: i for i, n in enumerate(estimate.layers)}
+        columns = [estimate.bits.index(b) for b in bit_set]
+        cost = {n: estimate.weight[rows[n], columns][:, None] + estimate.activation[rows[n], columns][None, :]
+                for n in layers}
+    else:  # the sweep's same-width cost; only the diagonal is allowed (same_width)
+        cost = {n: np.repeat(np.asarray(c, np.float64)[:, None], len(bit_set), axis=1) for n, c in cost.items()}
+    report = allocation_lib.allocate(cost, counts, budgets={"relative_energy": budget, **dict(config.extra_budgets)},
+                                     w_bits=bit_set, a_bits=bit_set, same_width=not config.separate_widths,
+                                     fixed_bits=matmuls, energy_model=energy_model)
+    log("allocation: " + ", ".join(f"{k} {v:.4g} of {report['budgets'][k]:.4g}" for k, v in report["usage"].items()))
+    return {n: (b["w"], b["a"]) for n, b in report["bits"].items()}, budget, report
 
 
 def run(config: MixedRunConfig, *, log: Callable[[str], None] = common.log) -> dict[str, Any]:
@@ -165,13 +230,30 @@ def run(config: MixedRunConfig, *, log: Callable[[str], None] = common.log) -> d
         if config.budget < smallest:
             raise ValueError(f"--budget={config.budget} is below the smallest feasible relative energy "
                              f"{smallest:.4f} (every layer at {min(config.bit_set)} bits)")
+    if config.extra_budgets:  # the same for the other budgets (a zero cost: only feasibility is checked)
+        k = len(config.bit_set)
+        allocation_lib.allocate({n: np.zeros((k, k)) for n in layers}, counts, budgets=dict(config.extra_budgets),
+                                w_bits=config.bit_set, a_bits=config.bit_set, same_width=not config.separate_widths,
+                                fixed_bits=matmuls, energy_model=energy.get_preset(config.workload.energy_preset))
 
     stats, calibration_s = work.collect_stats()
+    estimate = None
     if config.sensitivity_json:
-        sens = _load_sensitivity(config.sensitivity_json, work.spec.name, layers)
-    else:
+        sens, estimate = _load_sensitivity(config.sensitivity_json, work.spec.name, layers,
+                                           need_separate=config.separate_widths)
+    elif config.sensitivity_method == "sweep":
         sens = work.sweep(stats, config.ptq, config.bit_set)
-    allocation, budget = allocate(config, sens, layers, counts, matmuls, log)
+    else:
+        estimate = work.second_order(stats, config.ptq, config.bit_set, method=config.sensitivity_method,
+                                     micro_batch=config.micro_batch)
+        sens = estimate.as_sensitivity()
+    for name, default in (("metric", "l2"), ("cost_metric", "kl")):
+        chosen = getattr(config, name) or ("delta_loss" if estimate else default)
+        if chosen not in sens.scores:
+            raise ValueError(f"--{name}={chosen} is not in --sensitivity_json={config.sensitivity_json}, "
+                             f"which holds {', '.join(sens.scores)}")
+        config = dataclasses.replace(config, **{name: chosen})
+    allocation, budget, report = allocate(config, sens, layers, counts, matmuls, log, estimate)
     base = ptq.build_policy(work.calls, dataclasses.replace(config.ptq, w_bits=8, a_bits=8,
                                                              keep_first_last_bits=None, rules=()))
     policy = work.calibrated(stats, config.ptq, policy_lib.set_bits(
@@ -182,10 +264,13 @@ def run(config: MixedRunConfig, *, log: Callable[[str], None] = common.log) -> d
     fp32 = work.evaluate_fp32()
     quant = work.evaluate_quantized(state, f"mixed-{config.strategy}")
     bits = policy_lib.bits_table(policy)
-    counts_by_bits = {str(b): sum(1 for n in layers if allocation[n] == b) for b in sorted(set(allocation.values()))}
+    label = lambda b: f"W{b[0]}A{b[1]}" if isinstance(b, tuple) else str(b)
+    counts_by_bits = {label(b): sum(1 for n in layers if allocation[n] == b) for b in sorted(set(allocation.values()))}
     result = work.base_result("mixed", {
         **dataclasses.asdict(config.ptq), "strategy": config.strategy, "budget": config.budget,
-        "bit_set": list(config.bit_set), "metric": config.metric, "sensitivity_bits": config.sensitivity_bits,
+        "bit_set": list(config.bit_set), "sensitivity_method": config.sensitivity_method,
+        "micro_batch": config.micro_batch, "separate_widths": config.separate_widths,
+        "extra_budgets": dict(config.extra_budgets), "metric": config.metric, "sensitivity_bits": config.sensitivity_bits,
         "cost_metric": config.cost_metric, "matmul_bits": config.matmul_bits,
         "sensitivity_json": config.sensitivity_json, "workdir": config.workdir,
         "reconstruct": config.reconstruction.method if config.reconstruction else "none",
@@ -195,7 +280,8 @@ def run(config: MixedRunConfig, *, log: Callable[[str], None] = common.log) -> d
         "bits": bits, "layer_counts_by_bits": counts_by_bits, "budget": budget,
         "w_bits": "mixed", "a_bits": "mixed",
         "top1": quant["top1"], "top5": quant["top5"], "fp32_top1": fp32["top1"], "fp32_top5": fp32["top5"],
-        "energy": work.energy_of(bits), "sensitivity": sens.to_dict(), "reconstruction": recon_info,
+        "energy": work.energy_of(bits), "sensitivity": sens.to_dict(),
+        "second_order": estimate.to_dict() if estimate else None, "allocation": report, "reconstruction": recon_info,
         "wall_times_s": {"calibration": calibration_s, "fp32_eval": fp32["seconds"],
                          "quantized_eval": quant["seconds"], "total": time.perf_counter() - started},
     })

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 from absl import flags
 
-from eqjax import calibration, data, energy, folding, metrics, models, numerics, ptq, reconstruction
+from eqjax import calibration, data, energy, folding, metrics, models, numerics, ptq, reconstruction, second_order
 from experiments import common
 
 FLAGS = flags.FLAGS
@@ -312,16 +312,30 @@ class Workload:
     def _skipped(self, role: str) -> int:
         return sum(r == role for r in self.skipped_images.values())
 
-    def sweep(self, stats: dict, config: ptq.PTQConfig, bits, *, include_matmuls: bool = False):
-        """Sensitivity of the model's layers on the calibration images (labels used if present)."""
+    def _sensitivity_base(self, stats: dict, config: ptq.PTQConfig, include_matmuls: bool):
         base = self.calibrated(stats, dataclasses.replace(config, w_bits=8, a_bits=8, keep_first_last_bits=None,
                                                           rules=()))
-        layers = list(dict.fromkeys(c.name for c in self.calls if include_matmuls or c.kind != "matmul"))
+        return base, list(dict.fromkeys(c.name for c in self.calls if include_matmuls or c.kind != "matmul"))
+
+    def sweep(self, stats: dict, config: ptq.PTQConfig, bits, *, include_matmuls: bool = False):
+        """Sensitivity of the model's layers on the calibration images (labels used if present)."""
+        base, layers = self._sensitivity_base(stats, config, include_matmuls)
         self.log(f"sensitivity sweep: {len(layers)} layers x {len(bits)} bit widths = "
                  f"{len(layers) * len(bits)} configurations in one compiled call")
         return ptq.sweep(self.model, self.variables, base, self.calib_batches(), layers=layers, bits=bits,
                          batch_size=self.config.batch_size, chunk_size=self.config.chunk_size,
                          on_progress=common.progress_logger("sweep", len(self.calib_indices)))
+
+    def second_order(self, stats: dict, config: ptq.PTQConfig, bits, *, method: str, micro_batch: int,
+                     include_matmuls: bool = False) -> second_order.SecondOrderResult:
+        """One-pass estimate of every layer's Δloss at every weight and activation width."""
+        base, layers = self._sensitivity_base(stats, config, include_matmuls)
+        self.log(f"one-pass sensitivity ({method}): {len(layers)} layers x {len(bits)} widths of weights and "
+                 f"of activations, micro-batches of {micro_batch}")
+        progress = common.progress_logger(method, len(self.calib_indices))
+        return second_order.estimate(self.model, self.variables, base, self.calib_batches(), layers=layers,
+                                     bits=bits, method=method, micro_batch=micro_batch,
+                                     on_batch=lambda n: progress({"images": n}))
 
 
 def check_classes(source: data.ImageSource, num_classes: int, *, flag: str) -> None:

@@ -174,6 +174,36 @@ def test_sensitivity_then_mixed_budget_cli(toy_tar, tmp_path):
     assert "calibrating on" not in bad.stderr
 
 
+def test_one_pass_sensitivity_then_separate_widths_under_several_budgets(toy_tar, tmp_path):
+    common = ["--model=resnet18_cifar", "--weights=random", f"--dataset=tar:{toy_tar}",
+              f"--calib_dataset=tar:{toy_tar}", "--eval_images=12", "--calib_images=8", "--batch_size=8"]
+    run("experiments.sensitivity", *common, "--method=fisher", "--micro_batch=4", "--bits=4,8",
+        f"--workdir={tmp_path}")
+    sens_path = tmp_path / "sensitivity" / "results.json"
+    with open(sens_path) as f:
+        sens = json.load(f)
+    assert sens["method"] == "fisher" and list(sens["sensitivity"]["scores"]) == ["delta_loss"]
+    weight, act = np.asarray(sens["second_order"]["weight"]), np.asarray(sens["second_order"]["activation"])
+    assert weight.shape == act.shape == (21, 2) and np.all(weight[:, 0] >= weight[:, 1])
+    run("experiments.mixed", *common, "--strategy=budget", "--budget=0.2", "--bit_set=4,8", "--sensitivity_bits=4",
+        "--separate_widths", "--max_avg_weight_bits=6", "--max_gbops=20", f"--sensitivity_json={sens_path}",
+        f"--workdir={tmp_path / 'm'}")
+    with open(tmp_path / "m" / "mixed" / "results.json") as f:
+        mixed = json.load(f)
+    report = mixed["allocation"]
+    assert set(report["usage"]) == {"relative_energy", "avg_weight_bits", "gbops"}
+    assert all(report["usage"][k] <= report["budgets"][k] + 1e-9 for k in report["usage"])
+    assert mixed["energy"]["relative"] == pytest.approx(report["usage"]["relative_energy"], rel=1e-9)
+    assert all(k.startswith("W") for k in mixed["layer_counts_by_bits"])
+    bad = run("experiments.mixed", *common, "--strategy=budget", "--budget=0.2", "--separate_widths",
+              f"--workdir={tmp_path}", check=False)
+    assert bad.returncode != 0 and "--separate_widths needs per-width weight and activation terms" in bad.stderr
+    bad = run("experiments.mixed", *common, "--strategy=budget", "--budget=0.2", "--max_gbops=0.5",
+              f"--workdir={tmp_path}", check=False)
+    assert bad.returncode != 0 and "gbops budget 0.5 is below the smallest feasible value 8.88" in bad.stderr
+    assert "calibrating on" not in bad.stderr
+
+
 def test_ptq_runs_in_process_from_a_config(toy_tar, tmp_path):
     import eqjax
     from experiments import ptq, workload

@@ -116,6 +116,35 @@ def test_killed_run_resumes_to_the_same_parameters(pattern_tar, tmp_path):
     assert os.listdir(tmp_path / "c" / "train" / "checkpoints")
 
 
+TINY_RESNET = dict(stage_sizes=(1, 1), widths=(8, 16))
+
+
+def test_sgd_batchnorm_recipe_resumes_mid_epoch_to_the_same_state(pattern_tar, tmp_path):
+    """The resnet18_cifar recipe (SGD with Nesterov momentum, weight decay, BatchNorm running
+    statistics updated every step): killed mid-epoch, resumed, equal bit for bit."""
+    config = lambda workdir, **kw: train.TrainConfig.from_recipe(
+        "resnet18_cifar", dataset=f"tar:{pattern_tar}", eval_dataset=f"tar:{pattern_tar}", epochs=2,
+        batch_size=16, checkpoint_every=3, log_every=2, workdir=str(workdir), **kw)
+    assert config(tmp_path).optimizer == "sgd"
+    reference = train.run(config(tmp_path / "a"), model_overrides=TINY_RESNET)
+
+    def kill_at_step_4(step):  # before step 4 is saved
+        if step == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train.run(config(tmp_path / "b"), model_overrides=TINY_RESNET, on_step=kill_at_step_4)
+    assert sorted(os.listdir(tmp_path / "b" / "train" / "checkpoints")) == ["3"]  # step 3 of 4: mid-epoch
+    resumed = train.run(config(tmp_path / "b", resume=True), model_overrides=TINY_RESNET)
+    a = checkpoint.load(reference["final_checkpoint"]).variables
+    b = checkpoint.load(resumed["final_checkpoint"]).variables
+    initial = models.get("resnet18_cifar").build(num_classes=4, **TINY_RESNET).init(
+        jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    assert not np.allclose(a["batch_stats"]["bn1"]["mean"], initial["batch_stats"]["bn1"]["mean"])
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)  # parameters and BatchNorm statistics
+    assert [c["eval_top1"] for c in resumed["curve"]] == [c["eval_top1"] for c in reference["curve"]]
+
+
 def test_labels_beyond_num_classes_are_refused(pattern_tar, tmp_path):
     with pytest.raises(ValueError, match="labels up to 3, but --num_classes=2"):
         train.run(_config(pattern_tar, tmp_path, num_classes=2), model_overrides=TINY_VIT)

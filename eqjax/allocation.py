@@ -1,0 +1,160 @@
+"""Weight and activation widths per layer under one or several budgets (an exact MILP).
+
+Choose for each layer l one option o = (b_w, b_a) from ``w_bits × a_bits`` (or only b_w = b_a
+with ``same_width=True``) to
+
+    minimise   Σ_l cost_l(o_l)
+    subject to Σ_l usage_k(l, o_l) + fixed_k <= budget_k      for every budget k,
+
+a multiple-choice knapsack with several constraints, solved exactly as a mixed-integer
+program (``scipy.optimize.milp``, HiGHS; binary x_lo, Σ_o x_lo = 1). Usage per budget kind:
+
+* ``relative_energy``: E(b) / E_FP32 of the energy model (eq. 7), MACs and memory;
+* ``gbops``: Σ MACs · b_w · b_a / 1e9 (both operands are activations in a matmul);
+* ``weight_mb``: Σ weight elements · b_w / 8 / 1e6 (biases as float32);
+* ``avg_weight_bits``: Σ weight elements · b_w / Σ weight elements (ModelOpt's effective bits).
+
+Layers outside the cost table (attention matmuls, or first/last layers the policy pins) keep
+their ``fixed_bits`` and count as constants.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from eqjax import energy as energy_lib
+from eqjax import numerics
+
+BUDGET_KINDS = ("relative_energy", "gbops", "weight_mb", "avg_weight_bits")
+
+
+def options(w_bits: Sequence[int], a_bits: Sequence[int], *, same_width: bool = False) -> list[tuple[int, int]]:
+    """The (b_w, b_a) pairs a layer may take."""
+    for b in (*w_bits, *a_bits):
+        numerics.check_bits(b, name="allocation bits")
+    if same_width:
+        common = [b for b in w_bits if b in set(a_bits)]
+        if not common:
+            raise ValueError(f"same_width needs a width in both w_bits {tuple(w_bits)} and a_bits {tuple(a_bits)}")
+        return [(b, b) for b in common]
+    return list(itertools.product(w_bits, a_bits))
+
+
+def usage(count: energy_lib.LayerCount, w_bits: int | None, a_bits: int | None, kind: str, *,
+          energy_model: energy_lib.EnergyModel, fp32_energy: float, total_weights: int) -> float:
+    """One layer's use of a budget of ``kind`` at the given widths (None = full precision)."""
+    w = energy_lib.FP_BITS if w_bits is None else w_bits
+    a = energy_lib.FP_BITS if a_bits is None else a_bits
+    if kind == "relative_energy":
+        return energy_lib.layer_energy(count, w_bits, a_bits, energy_model)["total"] / fp32_energy
+    if kind == "gbops":
+        return count.macs * (a if count.kind == "matmul" else w) * a / 1e9
+    if kind == "weight_mb":
+        return (count.weight_elements * w + count.bias_elements * energy_lib.FP_BITS) / 8 / 1e6
+    if kind == "avg_weight_bits":
+        return count.weight_elements * w / total_weights
+    raise ValueError(f"unknown budget kind {kind!r}; known: {', '.join(BUDGET_KINDS)}")
+
+
+def _usage_tables(counts, layers, opts, fixed_bits, kinds, energy_model):
+    by_name = {c.name: c for c in counts}
+    missing = [n for n in layers if n not in by_name]
+    if missing:
+        raise ValueError(f"layers not in the model: {', '.join(missing)}")
+    absent = [c.name for c in counts if c.name not in set(layers) and c.name not in fixed_bits]
+    if absent:
+        raise ValueError(f"layers with neither cost nor fixed bits: {', '.join(absent)}")
+    fp32 = sum(energy_lib.layer_energy(c, None, None, energy_model)["total"] for c in counts)
+    total_weights = sum(c.weight_elements for c in counts) or 1
+    kw = dict(energy_model=energy_model, fp32_energy=fp32, total_weights=total_weights)
+    tables, fixed = {}, {}
+    for k in kinds:
+        tables[k] = np.array([[usage(by_name[n], w, a, k, **kw) for w, a in opts] for n in layers])
+        fixed[k] = sum(usage(c, fixed_bits[c.name]["w"], fixed_bits[c.name]["a"], k, **kw)
+                       for c in counts if c.name not in set(layers))
+    return tables, fixed
+
+
+def _solve(cost: np.ndarray, constraints: list[tuple[np.ndarray, float]]) -> np.ndarray | None:
+    """Option index per layer minimising Σ cost[l, o] subject to Σ table[l, o] <= bound for
+    each constraint (exact: HiGHS with a zero MIP gap); None if infeasible."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    num_layers, num_options = cost.shape
+    n = num_layers * num_options
+    one_each = np.kron(np.eye(num_layers), np.ones(num_options))
+    rows = [LinearConstraint(one_each, 1, 1)]
+    rows += [LinearConstraint(table.reshape(1, n), -np.inf, bound) for table, bound in constraints]
+    result = milp(cost.reshape(n), constraints=rows, integrality=np.ones(n), bounds=Bounds(0, 1),
+                  options={"mip_rel_gap": 0.0})
+    if result.x is None:
+        return None
+    return np.argmax(result.x.reshape(num_layers, num_options), axis=1)
+
+
+def allocate(cost: Mapping[str, np.ndarray], counts: Sequence[energy_lib.LayerCount], *,
+             budgets: Mapping[str, float], w_bits: Sequence[int] = (4, 6, 8),
+             a_bits: Sequence[int] = (4, 6, 8), same_width: bool = False,
+             fixed_bits: Mapping[str, Mapping] | None = None,
+             energy_model: energy_lib.EnergyModel = energy_lib.PRESETS["paper"]) -> dict:
+    """Widths per layer minimising the summed cost under every budget.
+
+    Args:
+      cost: ``{layer: [len(w_bits), len(a_bits)] array}``, e.g. the estimated Δloss of
+        :mod:`eqjax.second_order` (weight term at b_w plus activation term at b_a).
+      counts: ``energy.count_layers`` of the model.
+      budgets: ``{kind: bound}`` for kinds in :data:`BUDGET_KINDS` (at least one).
+      w_bits, a_bits: candidate widths of weights and of activations.
+      same_width: only b_w = b_a (the study's per-layer width).
+      fixed_bits: ``{name: {'w', 'a'}}`` of the layers outside ``cost``.
+      energy_model: the energy model of ``relative_energy``.
+
+    Returns:
+      ``{'bits': {layer: {'w', 'a'}}, 'cost', 'usage': {kind: value}, 'budgets',
+      'slack': {kind: budget - usage}}`` (every usage <= its budget).
+
+    Raises:
+      ValueError: no budget, an unknown kind, a budget that is not a positive number, or one
+        below what any allocation reaches (the message gives that smallest feasible value,
+        fixed layers included).
+    """
+    if not budgets:
+        raise ValueError(f"give at least one budget of {', '.join(BUDGET_KINDS)}")
+    unknown = [k for k in budgets if k not in BUDGET_KINDS]
+    if unknown:
+        raise ValueError(f"unknown budget kinds {unknown}; known: {', '.join(BUDGET_KINDS)}")
+    bad_bounds = {k: v for k, v in budgets.items() if not (np.isfinite(v) and v > 0)}
+    if bad_bounds:
+        raise ValueError(f"budgets must be positive numbers, got {bad_bounds}")
+    layers = list(cost)
+    if not layers:
+        raise ValueError("empty cost table: no layers to allocate")
+    opts = options(w_bits, a_bits, same_width=same_width)
+    shape = (len(w_bits), len(a_bits))
+    bad = [n for n in layers if np.shape(cost[n]) != shape]
+    if bad:
+        raise ValueError(f"cost entries must be [len(w_bits), len(a_bits)] = {list(shape)}; bad: {bad[:5]}")
+    index = {(w, a): (i, j) for i, w in enumerate(w_bits) for j, a in enumerate(a_bits)}
+    costs = np.array([[np.asarray(cost[n], np.float64)[index[o]] for o in opts] for n in layers])
+    if not np.all(np.isfinite(costs)):
+        raise ValueError("cost table holds NaN or Inf")
+    tables, fixed = _usage_tables(counts, layers, opts, fixed_bits or {}, list(budgets), energy_model)
+    for k, bound in budgets.items():
+        smallest = tables[k].min(axis=1).sum() + fixed[k]
+        if bound < smallest - 1e-12:
+            raise ValueError(f"{k} budget {bound:.6g} is below the smallest feasible value {smallest:.6g} "
+                             f"(every layer at its cheapest of {opts})")
+    # Every usage grows with both widths, so the all-narrowest allocation meets every budget
+    # that it meets alone: budgets that pass the check above are jointly feasible.
+    picks = _solve(costs, [(tables[k], budgets[k] - fixed[k]) for k in budgets])
+    if picks is None:
+        raise RuntimeError("the MILP solver found no allocation although the narrowest one is feasible")
+    rows = np.arange(len(layers))
+    used = {k: float(tables[k][rows, picks].sum() + fixed[k]) for k in budgets}
+    bits = {n: {"w": opts[o][0], "a": opts[o][1]} for n, o in zip(layers, picks)}
+    return {"bits": bits, "cost": float(costs[rows, picks].sum()), "usage": used,
+            "budgets": {k: float(v) for k, v in budgets.items()},
+            "slack": {k: float(budgets[k] - used[k]) for k in budgets}}
