@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import time
@@ -355,7 +356,8 @@ def reconstruct(model: nn.Module, variables: Mapping, policy: Policy, images: np
                 config: ReconstructionConfig = ReconstructionConfig(), *,
                 is_block: Callable[[nn.Module], bool] | None = None, blocks: Sequence[str] | None = None,
                 weight_method: str = "absmax",
-                on_progress: Callable[[dict[str, Any]], None] | None = None) -> ReconstructionResult:
+                on_progress: Callable[[dict[str, Any]], None] | None = None,
+                checkpoint_dir: str | None = None) -> ReconstructionResult:
     """Reconstructs every unit of ``model`` in forward order (see the module docstring).
 
     Args:
@@ -367,6 +369,10 @@ def reconstruct(model: nn.Module, variables: Mapping, policy: Policy, images: np
       weight_method: the per-channel weight scale estimator (scales stay fixed).
       on_progress: called after each unit and every 100 steps with ``{'unit', 'index',
         'units', 'step', 'iterations', 'error', 'eta_s'}``.
+      checkpoint_dir: where the state is saved after every unit. A run that finds a state
+        there made for the same model layers, policy, images and config resumes after its
+        last finished unit, with the random streams where they were, so the result equals an
+        uninterrupted run's; a state made for anything else is an error.
 
     Returns:
       :class:`ReconstructionResult`; :func:`quantized_variables` gives the model's weights.
@@ -397,7 +403,25 @@ def reconstruct(model: nn.Module, variables: Mapping, policy: Policy, images: np
     rounding, weight_scales, reports = {}, {}, []
     batch = min(config.batch_size, len(images))
     fixed = np.arange(min(len(images), 64))  # the images of the before/after error
+    fingerprint = _fingerprint(units, policy, images, config, weight_method)
+    first_unit = 0
+    if checkpoint_dir is not None and os.path.isfile(os.path.join(checkpoint_dir, STATE_FILE)):
+        saved = load(checkpoint_dir, policy)
+        resume = saved.info.get("resume") or {}
+        if resume.get("fingerprint") != fingerprint:
+            raise ValueError(f"{checkpoint_dir} holds a reconstruction of other images, layers or settings; "
+                             "remove it or use another workdir")
+        policy, rounding, weight_scales, reports = dict(saved.policy), dict(saved.rounding), \
+            dict(saved.weight_scales), list(saved.units)
+        first_unit = resume["next_unit"]
+        rng.bit_generator.state = resume["rng"]
+        key = jax.random.wrap_key_data(jnp.asarray(resume["key"], jnp.uint32))
+        started -= resume["seconds"]
+        if on_progress is not None:
+            on_progress({"resumed": True, "index": first_unit, "units": len(units), "path": checkpoint_dir})
     for index, unit in enumerate(units):
+        if index < first_unit:
+            continue
         unit_start = time.perf_counter()
         sub_vars = _sub_variables(variables, unit.path)
         local_policy = {unit.local(n): policy[n] for n in unit.layers}
@@ -441,6 +465,11 @@ def reconstruct(model: nn.Module, variables: Mapping, policy: Policy, images: np
         reports.append({"unit": unit.path, "layers": list(unit.layers), "error_nearest": before,
                         "error_after": after, "iterations": config.iterations, "stopped": stopped,
                         "seconds": time.perf_counter() - unit_start})
+        if checkpoint_dir is not None:
+            resume = {"fingerprint": fingerprint, "next_unit": index + 1, "rng": rng.bit_generator.state,
+                      "key": np.asarray(jax.random.key_data(key)).tolist(),
+                      "seconds": time.perf_counter() - started}
+            save(checkpoint_dir, ReconstructionResult(policy, rounding, weight_scales, reports, {"resume": resume}))
         if on_progress is not None:
             on_progress({"unit": unit.path, "index": index + 1, "units": len(units), "step": config.iterations,
                          "iterations": config.iterations, "error": after, "done": True,
@@ -452,6 +481,17 @@ def reconstruct(model: nn.Module, variables: Mapping, policy: Policy, images: np
             "config": {**dataclasses.asdict(config)},
             "stopped_units": [r["unit"] for r in reports if r["stopped"]]}
     return ReconstructionResult(policy, rounding, weight_scales, reports, info)
+
+
+def _fingerprint(units, policy, images: np.ndarray, config: ReconstructionConfig, weight_method: str) -> str:
+    """A digest of what a reconstruction depends on (a saved partial state must match it)."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([[u.path, list(u.layers)] for u in units]).encode())
+    digest.update(json.dumps({n: [int(lq.w_bits), int(lq.a_bits), np.asarray(lq.a_clip).tolist()]
+                              for n, lq in sorted(policy.items())}).encode())
+    digest.update(json.dumps([dataclasses.asdict(config), weight_method], default=str).encode())
+    digest.update(np.ascontiguousarray(images).tobytes())
+    return digest.hexdigest()
 
 
 def _optimize(step, state, unit_args, x_q, x_fp, target, fisher, *, key, rng, batch, hyper, config, report):

@@ -34,8 +34,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from eqjax import apply, intercept, numerics, sensitivity
+from eqjax.metrics import data_mesh
 from eqjax.policy import LayerQuant, Policy
 
 METHODS = ("fisher", "hessian")
@@ -242,7 +244,7 @@ def make_estimator(model: nn.Module, policy: Policy, layers: Sequence[str], bits
 
 def estimate(model: nn.Module, variables: Mapping, policy: Policy, batches: Iterable[tuple], *,
              layers: Sequence[str] | None = None, bits: Sequence[int] = (4, 6, 8),
-             method: str = "fisher", micro_batch: int = 8, seed: int = 0,
+             method: str = "fisher", micro_batch: int = 8, seed: int = 0, mesh: Mesh | None = None,
              on_batch=None) -> SecondOrderResult:
     """Estimated Δloss (eq. (*)) of every layer at every width of weights and of inputs.
 
@@ -257,6 +259,8 @@ def estimate(model: nn.Module, variables: Mapping, policy: Policy, batches: Iter
       method: ``fisher`` (diagonal empirical Fisher) or ``hessian`` (Hutchinson trace).
       micro_batch: images per weight-gradient sample (fisher) or per Hutchinson probe.
       seed: Hutchinson probes' seed.
+      mesh: devices to shard the micro-batches over (default all local devices; batches are
+        padded with masked images to a multiple of ``micro_batch`` × devices).
       on_batch: called with the number of images seen after each batch.
 
     Returns:
@@ -279,11 +283,15 @@ def estimate(model: nn.Module, variables: Mapping, policy: Policy, batches: Iter
     _check_layers(calls, policy, layers)
     step = make_estimator(model, policy, layers, bits, method=method, micro_batch=micro_batch)
     key = jax.random.key(seed)
-    size = -(-len(first[0]) // micro_batch) * micro_batch  # every batch padded to this: one compilation
+    mesh = mesh or data_mesh()
+    multiple = micro_batch * mesh.devices.size
+    size = len(first[0])  # every batch padded to this (rounded up to `multiple`): one compilation
+    shard = NamedSharding(mesh, PartitionSpec("data"))
+    variables = jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
     totals, num_images = None, 0
     for i, (images, labels) in enumerate(_chain(first, iterator)):
-        images, labels, mask = _padded(np.asarray(images), np.asarray(labels), max(size, len(images)), micro_batch)
-        out = step(variables, jnp.asarray(images), jnp.asarray(labels, jnp.int32), jnp.asarray(mask),
+        images, labels, mask = _padded(np.asarray(images), np.asarray(labels), max(size, len(images)), multiple)
+        out = step(variables, *jax.device_put((images, labels.astype(np.int32), mask), shard),
                    jax.random.fold_in(key, i))
         totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
         num_images += int(mask.sum())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import time
 from typing import Any, Callable
 
@@ -270,18 +271,22 @@ class Workload:
                      f"{len(images)} calibration images")
 
             def report(p):
+                if p.get("resumed"):
+                    self.log(f"  resuming after unit {p['index']}/{p['units']} from {p['path']}")
                 if p.get("done"):
                     self.log(f"  unit {p['index']}/{p['units']} {p['unit']}: output error "
                              f"{p['error_nearest']:.4g} (nearest) -> {p['error']:.4g}, ETA {p['eta_s']:.0f} s")
 
+            partial = f"{save_to}_partial"  # after every unit; a killed run resumes from it
             result = reconstruction.reconstruct(self.model, self.variables, policy, images, recon,
                                                 is_block=self.spec.is_block, weight_method=config.weight_method,
-                                                on_progress=report)
+                                                on_progress=report, checkpoint_dir=partial)
             for unit in result.units:
                 if unit["stopped"]:
                     self.log(f"WARNING: non-finite loss in unit {unit['unit']} at step {unit['stopped']['step']}; "
                              "it keeps its calibrated (nearest-rounding) state")
             reconstruction.save(save_to, result)
+            shutil.rmtree(partial, ignore_errors=True)
         qvars = reconstruction.quantized_variables(self.variables, result.policy, result.rounding,
                                                    result.weight_scales)
         info = {**result.info, "units_report": result.units, "state": os.path.abspath(load_from or save_to),

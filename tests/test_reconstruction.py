@@ -129,6 +129,37 @@ def test_saved_state_reloads_to_identical_logits(tiny_resnet, tmp_path):
         reconstruction.load(str(tmp_path / "state"), _policy(model, variables, images, 6))
 
 
+def test_killed_reconstruction_resumes_after_its_last_unit_to_the_same_state(tiny_resnet, tmp_path):
+    model, variables, images = tiny_resnet
+    policy = _policy(model, variables, images, 4)
+    config = reconstruction.ReconstructionConfig(method="qdrop", iterations=4, batch_size=8)  # random drops too
+    whole = reconstruction.reconstruct(model, variables, policy, images, config, is_block=is_block)
+    assert len(whole.units) >= 3
+    partial = str(tmp_path / "partial")
+
+    def kill_after_second_unit(p):
+        if p.get("done") and p["index"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        reconstruction.reconstruct(model, variables, policy, images, config, is_block=is_block,
+                                   on_progress=kill_after_second_unit, checkpoint_dir=partial)
+    events = []
+    resumed = reconstruction.reconstruct(model, variables, policy, images, config, is_block=is_block,
+                                         on_progress=events.append, checkpoint_dir=partial)
+    assert events[0]["resumed"] and events[0]["index"] == 2
+    assert [u["unit"] for u in resumed.units] == [u["unit"] for u in whole.units]
+    assert resumed.rounding.keys() == whole.rounding.keys()
+    for name in whole.rounding:
+        np.testing.assert_array_equal(resumed.rounding[name], whole.rounding[name])
+    for name in whole.policy:
+        np.testing.assert_array_equal(resumed.policy[name].a_clip, whole.policy[name].a_clip)
+    other = reconstruction.ReconstructionConfig(method="qdrop", iterations=5, batch_size=8)
+    with pytest.raises(ValueError, match="holds a reconstruction of other images, layers or settings"):
+        reconstruction.reconstruct(model, variables, policy, images, other, is_block=is_block,
+                                   checkpoint_dir=partial)
+
+
 def test_bad_input_fails_before_long_work(tiny_resnet):
     model, variables, images = tiny_resnet
     with pytest.raises(ValueError, match="method must be one of"):

@@ -91,6 +91,18 @@ def test_a_short_last_batch_is_padded_without_changing_the_estimate():
     np.testing.assert_allclose(uneven.activation, whole.activation, rtol=1e-5)
 
 
+def test_sharded_estimate_equals_one_device():
+    from eqjax.metrics import data_mesh, single_device_mesh
+
+    model, variables, policy, x, labels = _setup(num_images=16)
+    assert data_mesh().devices.size > 1, "tests run with several CPU devices (conftest)"
+    kw = dict(bits=(4, 8), micro_batch=2)
+    sharded = second_order.estimate(model, variables, policy, [(x, labels)], mesh=data_mesh(), **kw)
+    single = second_order.estimate(model, variables, policy, [(x, labels)], mesh=single_device_mesh(), **kw)
+    np.testing.assert_allclose(sharded.weight, single.weight, rtol=1e-5)
+    np.testing.assert_allclose(sharded.activation, single.activation, rtol=1e-5)
+
+
 def test_micro_batches_sum_gradients_before_squaring():
     """With micro-batches of m images the weight Fisher is Σ_micro (Σ_n g_n)² / N."""
     model, variables, policy, x, labels = _setup()
