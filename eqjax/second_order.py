@@ -142,8 +142,8 @@ def make_estimator(model: nn.Module, policy: Policy, layers: Sequence[str], bits
                    method: str = "fisher", micro_batch: int = 8):
     """A jitted ``step(variables, images, labels, mask, key) -> (weight_curv, act_terms, act_traces)``.
 
-    For one batch ``[B, ...]`` (B a multiple of ``micro_batch``; ``mask`` [B] is 1 for real
-    images and 0 for padding, which then adds nothing):
+    For one chunk ``[B, ...]`` of images (B a multiple of ``micro_batch``; ``mask`` [B] is 1 for
+    real images and 0 for padding, which then adds nothing), its micro-batches under ``vmap``:
       weight_curv: ``{layer: kernel-shaped Σ h_i}`` summed over the batch's micro-batches
         (fisher: G²; hessian: per-layer Σ v⊙Hv, a scalar, broadcast later);
       act_terms: ``{layer: [bits]}`` Σ_n Σ_j h_nj δx_nj² (fisher) or Σ_n ||δx_n||² (hessian);
@@ -285,15 +285,21 @@ def estimate(model: nn.Module, variables: Mapping, policy: Policy, batches: Iter
     key = jax.random.key(seed)
     mesh = mesh or data_mesh()
     multiple = micro_batch * mesh.devices.size
-    size = len(first[0])  # every batch padded to this (rounded up to `multiple`): one compilation
+    size = -(-len(first[0]) // multiple) * multiple  # every batch padded to this: one compilation
+    # Micro-batches vmapped over a whole batch would make XLA:CPU's convolutions grouped ones,
+    # several times slower (as in the sweep): on CPU each call takes one micro-batch per device.
+    chunk = multiple if jax.default_backend() == "cpu" else size
     shard = NamedSharding(mesh, PartitionSpec("data"))
     variables = jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
-    totals, num_images = None, 0
-    for i, (images, labels) in enumerate(_chain(first, iterator)):
-        images, labels, mask = _padded(np.asarray(images), np.asarray(labels), max(size, len(images)), multiple)
-        out = step(variables, *jax.device_put((images, labels.astype(np.int32), mask), shard),
-                   jax.random.fold_in(key, i))
-        totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
+    totals, num_images, num_calls = None, 0, 0
+    for images, labels in _chain(first, iterator):
+        images, labels, mask = _padded(np.asarray(images), np.asarray(labels), max(size, len(images)), chunk)
+        for start in range(0, len(images), chunk):
+            part = slice(start, start + chunk)
+            out = step(variables, *jax.device_put((images[part], labels[part].astype(np.int32), mask[part]), shard),
+                       jax.random.fold_in(key, num_calls))
+            totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
+            num_calls += 1
         num_images += int(mask.sum())
         if on_batch is not None:
             on_batch(num_images)

@@ -200,6 +200,9 @@ def allocate(config: MixedRunConfig, sens: sensitivity.SensitivityResult, layers
                                     model=energy_model)["bits"]
         return allocation, budget, None
     if config.separate_widths:
+        absent = [b for b in bit_set if b not in estimate.bits]
+        if absent:
+            raise ValueError(f"--bit_set has widths {absent} that the estimate lacks (it has {list(estimate.bits)})")
         rows = {n: i for i, n in enumerate(estimate.layers)}
         columns = [estimate.bits.index(b) for b in bit_set]
         cost = {n: estimate.weight[rows[n], columns][:, None] + estimate.activation[rows[n], columns][None, :]

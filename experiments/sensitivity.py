@@ -119,7 +119,8 @@ def run(config: SensitivityRunConfig, *, log: Callable[[str], None] = common.log
         "micro_batch": config.micro_batch, "rank_metric": config.rank_metric,
         "rank_bits": config.rank_bits, "include_matmuls": config.include_matmuls, "workdir": config.workdir})
     payload.update({"method": config.method, "sensitivity": result.to_dict(),
-                    "second_order": estimate.to_dict() if estimate else None, "most_sensitive": ranked[:5], "most_robust": ranked[::-1][:5],
+                    "second_order": estimate.to_dict() if estimate else None,
+                    "most_sensitive": ranked[:5], "most_robust": ranked[::-1][:5],
                     "ranking_scores": {n: table[n] for n in ranked},
                     "wall_times_s": {"calibration": calibration_s, "sensitivity": sweep_s}})
     payload["results_path"] = common.write_json_atomic(f"{out}/results.json", payload)

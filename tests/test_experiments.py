@@ -162,12 +162,13 @@ def test_sensitivity_then_mixed_budget_cli(toy_tar, tmp_path):
     with open(tmp_path / "p" / "mixed" / "results.json") as f:
         percentile = json.load(f)
     assert sum(percentile["layer_counts_by_bits"].values()) == 21
-    for budget in ("percentile", "0.2"):
-        run("experiments.mixed", *common, "--strategy=budget", f"--budget={budget}", "--bit_set=4,8",
-            "--sensitivity_bits=4", f"--sensitivity_json={sens_path}", f"--workdir={tmp_path / budget}")
-        with open(tmp_path / budget / "mixed" / "results.json") as f:
-            mixed = json.load(f)
-        assert mixed["energy"]["relative"] <= mixed["budget"] + 1e-9
+    # A numeric budget goes through the MILP in the test below; here the percentile budget
+    # (the percentile policy's energy) through the DP knapsack.
+    run("experiments.mixed", *common, "--strategy=budget", "--budget=percentile", "--bit_set=4,8",
+        "--sensitivity_bits=4", f"--sensitivity_json={sens_path}", f"--workdir={tmp_path / 'b'}")
+    with open(tmp_path / "b" / "mixed" / "results.json") as f:
+        mixed = json.load(f)
+    assert mixed["energy"]["relative"] <= mixed["budget"] + 1e-9
     bad = run("experiments.mixed", *common, "--strategy=budget", "--budget=0.01", "--bit_set=4,8",
               "--sensitivity_bits=4", f"--workdir={tmp_path}", check=False)
     assert bad.returncode != 0 and "below the smallest feasible relative energy" in bad.stderr
@@ -195,13 +196,23 @@ def test_one_pass_sensitivity_then_separate_widths_under_several_budgets(toy_tar
     assert all(report["usage"][k] <= report["budgets"][k] + 1e-9 for k in report["usage"])
     assert mixed["energy"]["relative"] == pytest.approx(report["usage"]["relative_energy"], rel=1e-9)
     assert all(k.startswith("W") for k in mixed["layer_counts_by_bits"])
-    bad = run("experiments.mixed", *common, "--strategy=budget", "--budget=0.2", "--separate_widths",
-              f"--workdir={tmp_path}", check=False)
-    assert bad.returncode != 0 and "--separate_widths needs per-width weight and activation terms" in bad.stderr
     bad = run("experiments.mixed", *common, "--strategy=budget", "--budget=0.2", "--max_gbops=0.5",
               f"--workdir={tmp_path}", check=False)
     assert bad.returncode != 0 and "gbops budget 0.5 is below the smallest feasible value 8.88" in bad.stderr
     assert "calibrating on" not in bad.stderr
+
+
+def test_mixed_config_refuses_separate_widths_without_an_estimate():
+    import eqjax
+    from experiments import mixed, workload
+
+    kw = dict(workload=workload.WorkloadConfig(model="resnet18_cifar"), ptq=eqjax.PTQConfig(),
+              strategy="budget", budget=0.2)
+    with pytest.raises(ValueError, match="--separate_widths needs per-width weight and activation terms"):
+        mixed.MixedRunConfig(separate_widths=True, **kw)
+    with pytest.raises(ValueError, match="estimates delta_loss only; --cost_metric=kl needs --sensitivity_method=sweep"):
+        mixed.MixedRunConfig(sensitivity_method="fisher", cost_metric="kl", **kw)
+    assert mixed.MixedRunConfig(sensitivity_method="hessian", **kw).cost_metric == "delta_loss"
 
 
 def test_ptq_runs_in_process_from_a_config(toy_tar, tmp_path):
