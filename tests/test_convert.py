@@ -96,7 +96,8 @@ def test_efficientnet_lite0_real_weights_match_timm_forward():
 
 
 def test_foolbox_photos_are_classified_by_real_lite0():
-    """The package's real weights recognise real photos (labels shipped in foolbox)."""
+    """The package's real weights recognise real photos (labels shipped in foolbox): BUILD_NOTES'
+    85.00% is 17 of the 20; one photo either way is allowed for float differences between CPUs."""
     foolbox = pytest.importorskip("foolbox", reason="needs foolbox (extra demo)")
     from eqjax import data
 
@@ -109,7 +110,7 @@ def test_foolbox_photos_are_classified_by_real_lite0():
     labels = np.array([int(f.rsplit("_", 1)[1].split(".")[0]) for f in files])
     variables = weights_convert.convert("efficientnet_lite0", _lite0_package_state_dict())
     top1 = np.mean(np.argmax(_flax_logits("efficientnet_lite0", variables, images), -1) == labels)
-    assert top1 >= 0.6, top1
+    assert 16 <= round(20 * top1) <= 18, top1
 
 
 def test_shared_cifar10_checkpoint_reaches_its_recorded_accuracy(tmp_path):
