@@ -6,14 +6,7 @@
 # MODELS (default r18 lite0); SETTINGS (default 4:4 4:8 6:6, as w_bits:a_bits);
 # OPTIONS (default fold fold_bc; also none, bc).
 set -eu
-PY=.venv/bin/python
-[ -d runs/weights/resnet18_cifar10 ] || $PY -m weights_convert --model=resnet18_cifar \
-  --checkpoint=../shared/data/weights/resnet18_cifar10/resnet18_cifar10.safetensors \
-  --mean=0.4914,0.4822,0.4465 --std=0.2470,0.2435,0.2616 --out=runs/weights/resnet18_cifar10
-R18="--model=resnet18_cifar --weights=runs/weights/resnet18_cifar10 --batch_size=250
-  --calib_dataset=tar:../shared/data/cifar10/train.tar --dataset=tar:../shared/data/cifar10/test.tar"
-LITE0="--model=efficientnet_lite0 --weights=package --batch_size=64
-  --calib_dataset=folder:../shared/data/imagenet/calib --dataset=folder:../shared/data/imagenet/val"
+. benchmarks/workloads.sh
 for m in ${MODELS:-r18 lite0}; do
   [ $m = r18 ] && ARGS=$R18 || ARGS=$LITE0
   for setting in ${SETTINGS:-4:4 4:8 6:6}; do

@@ -11,11 +11,7 @@
 #   pareto        the accuracy-energy fronts with and without reconstruction
 # Data as in reconstruction_measurements.sh; run from the repo root after it.
 set -eu
-PY=.venv/bin/python
-R18="--model=resnet18_cifar --weights=runs/weights/resnet18_cifar10 --batch_size=250
-  --calib_dataset=tar:../shared/data/cifar10/train.tar --dataset=tar:../shared/data/cifar10/test.tar"
-LITE0="--model=efficientnet_lite0 --weights=package --batch_size=64
-  --calib_dataset=folder:../shared/data/imagenet/calib --dataset=folder:../shared/data/imagenet/val"
+. benchmarks/workloads.sh
 RECON="--reconstruct=brecq --recon_batch_size=16"
 for part in ${PARTS:-lite0_bc r18_bc r18_mixed r18_iters r18_w2a4 r18_fisher pareto}; do
   case $part in
