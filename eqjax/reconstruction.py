@@ -370,7 +370,7 @@ def reconstruct(model: nn.Module, variables: Mapping, policy: Policy, images: np
       on_progress: called after each unit and every 100 steps with ``{'unit', 'index',
         'units', 'step', 'iterations', 'error', 'eta_s'}``.
       checkpoint_dir: where the state is saved after every unit. A run that finds a state
-        there made for the same model layers, policy, images and config resumes after its
+        there made for the same model variables, policy, images and config resumes after its
         last finished unit, with the random streams where they were, so the result equals an
         uninterrupted run's; a state made for anything else is an error.
 
@@ -403,7 +403,7 @@ def reconstruct(model: nn.Module, variables: Mapping, policy: Policy, images: np
     rounding, weight_scales, reports = {}, {}, []
     batch = min(config.batch_size, len(images))
     fixed = np.arange(min(len(images), 64))  # the images of the before/after error
-    fingerprint = _fingerprint(units, policy, images, config, weight_method)
+    fingerprint = _fingerprint(units, variables, policy, images, config, weight_method)
     first_unit = 0
     if checkpoint_dir is not None and os.path.isfile(os.path.join(checkpoint_dir, STATE_FILE)):
         saved = load(checkpoint_dir, policy)
@@ -483,10 +483,13 @@ def reconstruct(model: nn.Module, variables: Mapping, policy: Policy, images: np
     return ReconstructionResult(policy, rounding, weight_scales, reports, info)
 
 
-def _fingerprint(units, policy, images: np.ndarray, config: ReconstructionConfig, weight_method: str) -> str:
+def _fingerprint(units, variables, policy, images: np.ndarray, config: ReconstructionConfig,
+                 weight_method: str) -> str:
     """A digest of what a reconstruction depends on (a saved partial state must match it)."""
     digest = hashlib.sha256()
     digest.update(json.dumps([[u.path, list(u.layers)] for u in units]).encode())
+    for leaf in jax.tree_util.tree_leaves(variables):
+        digest.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
     digest.update(json.dumps({n: [int(lq.w_bits), int(lq.a_bits), np.asarray(lq.a_clip).tolist()]
                               for n, lq in sorted(policy.items())}).encode())
     digest.update(json.dumps([dataclasses.asdict(config), weight_method], default=str).encode())
