@@ -22,30 +22,9 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 import eqjax
-from eqjax import data, models, second_order, sensitivity
+from benchmarks import sensitivity_bench
+from eqjax import data, models, second_order
 from experiments import common
-
-
-def _loop_seconds(model, variables, policy, batches, layers, bits) -> float:
-    """Per-configuration loop (each layer and width compiled on its own); returns seconds."""
-    import jax.numpy as jnp
-    from eqjax import apply
-
-    start = time.perf_counter()
-    for name in layers:
-        for b in bits:
-            lq = policy[name]
-
-            def single(v, xb, name=name, b=b, lq=lq):
-                one = {name: lq._replace(w_bits=jnp.int32(b), a_bits=jnp.int32(b))}
-                fp = sensitivity._forward_recording(model, v, None, xb, None)[1][name]
-                qv = apply.quantize_weights(v, one)
-                return jnp.sum(sensitivity._forward_recording(model, qv, one, xb, {name: fp})[1][name])
-
-            f = jax.jit(single)
-            for xb, _ in batches:
-                jax.block_until_ready(f(variables, xb))
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -77,7 +56,11 @@ def main() -> None:
     swept = eqjax.sweep(model, variables, policy, batches, layers=layers, bits=bits, batch_size=args.batch_size)
     t_sweep = time.perf_counter() - start
     print(f"direct sweep: {t_sweep:7.1f} s", flush=True)
-    t_loop = _loop_seconds(model, variables, policy, batches, layers, bits) if args.loop == "true" else None
+    t_loop = None
+    if args.loop == "true":
+        start = time.perf_counter()
+        sensitivity_bench.per_configuration_loop(model, variables, policy, [x for x, _ in batches], layers, bits)
+        t_loop = time.perf_counter() - start
     if t_loop:
         print(f"per-configuration loop: {t_loop:7.1f} s ({len(layers) * len(bits)} compilations)", flush=True)
     measured = {m: swept.scores[m][:, 0] for m in ("delta_loss", "kl")}

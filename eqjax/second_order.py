@@ -28,6 +28,7 @@ compiled function for every batch.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any, Iterable, Mapping, Sequence
 
 import flax.linen as nn
@@ -36,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from eqjax import apply, intercept, numerics, sensitivity
+from eqjax import apply, intercept, numerics, policy as policy_lib, sensitivity
 from eqjax.metrics import data_mesh
 from eqjax.policy import LayerQuant, Policy
 
@@ -105,9 +106,7 @@ def _check_layers(calls: Sequence[intercept.LayerCall], policy: Mapping[str, Lay
             described = [n + (f" (closest: {', '.join(close)})" if (close := intercept.closest_names(n, known))
                               else "") for n in unknown]
             raise ValueError(f"layers to estimate that are not in {where}: {', '.join(described)}")
-    missing = [n for n in layers if bool(policy[n].a_enabled) and not bool(np.all(np.isfinite(policy[n].a_clip)))]
-    if missing:
-        raise ValueError(f"policy is not calibrated (no activation clip) for: {', '.join(missing[:5])}")
+    policy_lib.check_calibrated({n: policy[n] for n in layers})
 
 
 def _weight_error_squares(variables: Mapping, policy: Policy, layers: Sequence[str],
@@ -292,7 +291,7 @@ def estimate(model: nn.Module, variables: Mapping, policy: Policy, batches: Iter
     shard = NamedSharding(mesh, PartitionSpec("data"))
     variables = jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
     totals, num_images, num_calls = None, 0, 0
-    for images, labels in _chain(first, iterator):
+    for images, labels in itertools.chain([first], iterator):
         images, labels, mask = _padded(np.asarray(images), np.asarray(labels), max(size, len(images)), chunk)
         for start in range(0, len(images), chunk):
             part = slice(start, start + chunk)
@@ -341,8 +340,3 @@ def _padded(images: np.ndarray, labels: np.ndarray, size: int, multiple: int):
     mask = np.concatenate([np.ones(len(images), np.float32), np.zeros(pad, np.float32)])
     images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
     return images, np.concatenate([labels, np.zeros(pad, labels.dtype)]), mask
-
-
-def _chain(first, iterator):
-    yield first
-    yield from iterator

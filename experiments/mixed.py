@@ -162,9 +162,10 @@ def _load_sensitivity(path, model, layers, *, need_separate: bool):
     if need_separate and not e:
         raise ValueError(f"--separate_widths needs a one-pass estimate, but --sensitivity_json={path} holds a "
                          f"{payload.get('method', 'sweep')} result")
-    estimate = e and second_order.SecondOrderResult(tuple(e["layers"]), tuple(e["bits"]), np.asarray(e["weight"]),
-                                                     np.asarray(e["activation"]), e["method"], e["num_images"])
-    return sens, estimate or None
+    if not e:
+        return sens, None
+    return sens, second_order.SecondOrderResult(tuple(e["layers"]), tuple(e["bits"]), np.asarray(e["weight"]),
+                                                np.asarray(e["activation"]), e["method"], e["num_images"])
 
 
 def _plot(path, bits, title):
