@@ -22,9 +22,9 @@ import numpy as np
 
 from eqjax import calibration, intercept, numerics
 from eqjax.intercept import LayerCall
-from eqjax.policy import LayerQuant
+from eqjax.policy import LOG, TWIN, LayerQuant
 
-__all__ = ["check_weighted_layers", "quantize_weights", "quantize_layer_inputs", "quantized_apply", "collect_activation_stats", "init_activation_stats"]
+__all__ = ["check_weighted_layers", "quantize_weights", "quantize_input", "quantize_layer_inputs", "quantized_apply", "collect_activation_stats", "init_activation_stats"]
 
 
 def quantize_weights(variables: Mapping, policy: Mapping[str, LayerQuant], *,
@@ -95,16 +95,37 @@ def _kernel_names(variables: Mapping) -> list[str]:
             if getattr(path[-1], "key", None) == "kernel" and getattr(path[0], "key", None) == "params"]
 
 
+def quantize_input(lq: LayerQuant, index: int, x: jax.Array, bits: Any = None) -> jax.Array:
+    """Input ``index`` of a layer call fake-quantized per tensor by ``lq`` (whether or not
+    ``lq.a_enabled``), with the quantizer that ``lq.a_kind[index]`` names.
+
+    ``UNIFORM``: clip ``a_clip`` on the signed or unsigned grid (``a_signed``). ``LOG``: the
+    log quantizer of base ``a_log_base``. ``TWIN``: coarse range ``a_clip``, fine range
+    ``a_clip * a_fine_ratio``. The kind is data: one compiled function serves every mix of kinds in
+    layers that have kinds (``a_kind`` not None). ``bits`` overrides ``lq.a_bits``.
+    """
+    bits = lq.a_bits if bits is None else bits
+    out = numerics.quantize_clipped(x, bits, lq.a_clip[index], signed=lq.a_signed[index])
+    if lq.a_kind is not None:
+        kind = lq.a_kind[index]
+        # Unselected branches get valid parameters: their zero cotangents then stay zero (0 * NaN is not).
+        base = jnp.where(kind == LOG, lq.a_log_base[index], 2.0)
+        ratio = jnp.where(kind == TWIN, lq.a_fine_ratio[index], 0.5)
+        log = numerics.log_quantize_clipped(x, bits, lq.a_clip[index], base)
+        twin = numerics.twin_quantize_clipped(x, bits, lq.a_clip[index], lq.a_clip[index] * ratio)
+        out = jnp.where(kind == LOG, log, jnp.where(kind == TWIN, twin, out))
+    return out
+
+
 def quantize_layer_inputs(lq: LayerQuant, inputs: Sequence[jax.Array]) -> list[jax.Array]:
     """The activation inputs of one layer call, fake-quantized per tensor by ``lq``.
 
-    Input i uses clip ``lq.a_clip[i]`` and grid ``lq.a_signed[i]``; inputs beyond the
-    policy's count pass through; ``lq.a_enabled`` False returns them unchanged (as data).
+    Input i uses :func:`quantize_input`; inputs beyond the policy's count pass through;
+    ``lq.a_enabled`` False returns them unchanged (as data).
     """
     out = list(inputs)
     for i in range(lq.a_clip.shape[0]):
-        q = numerics.quantize_clipped(out[i], lq.a_bits, lq.a_clip[i], signed=lq.a_signed[i])
-        out[i] = jnp.where(lq.a_enabled, q, out[i])
+        out[i] = jnp.where(lq.a_enabled, quantize_input(lq, i, out[i]), out[i])
     return out
 
 

@@ -48,6 +48,8 @@ __all__ = [
     "quantize_int",
     "dequantize",
     "fake_quant",
+    "log_quantize_clipped",
+    "twin_quantize_clipped",
 ]
 
 
@@ -422,3 +424,83 @@ def dequantize(q: jax.typing.ArrayLike, scale: jax.typing.ArrayLike, *, axis: in
     cdtype = compute_dtype(dtype)
     scale_b = _broadcast_scale(scale.astype(cdtype), q.ndim, axis, channels)
     return (q.astype(cdtype) * scale_b).astype(dtype)
+
+
+# ----------------------------------------------------------------------------
+# Non-uniform activation quantizers of Vision Transformers
+# ----------------------------------------------------------------------------
+
+
+def _straight_through(x: jax.Array, quantized: jax.Array) -> jax.Array:
+    """``quantized`` in the forward pass, gradient 1 to ``x`` (no gradient to the grid)."""
+    return x + jax.lax.stop_gradient(quantized - x)
+
+
+def log_quantize_clipped(x: jax.Array, bits: Any, clip: jax.Array, base: jax.Array) -> jax.Array:
+    """Logarithmic quantizer of non-negative inputs (post-Softmax attention), as data.
+
+    Levels ``clip * base^-q`` for ``q = 0 .. 2^b - 2`` and 0 (the code ``2^b - 1``): exactly
+    ``2^b`` codes. ``q = clamp(round(-log_base(x / clip)), 0)``; values that would round past
+    the smallest level become 0. ``base = 2`` is the log2 quantizer of FQ-ViT/RepQ-ViT
+    (multiplication becomes a bit shift); a base in (1, 2) is AdaLog's adaptive base, finer
+    near ``clip`` and with a shorter range (Wu et al., 2024).
+
+    Args:
+      x: floating array; negative values give NaN (a log grid has no negative levels).
+      bits: integer of shape [] (may be traced).
+      clip: positive float of shape [], the largest level (1 for softmax outputs).
+      base: float of shape [], > 1.
+
+    Returns:
+      Array of ``x``'s shape and dtype. Gradient: straight-through to ``x``, none to
+      ``clip`` or ``base`` (they are chosen by search, not learned).
+    """
+    cdtype = compute_dtype(x.dtype)
+    xc = x.astype(cdtype)
+    _, q_max = quant_range(bits, signed=False, dtype=cdtype)  # 2^b - 1: the code of zero
+    clip = jnp.asarray(clip, cdtype)
+    base = jnp.asarray(base, cdtype)
+    valid = (clip > 0) & jnp.isfinite(clip) & (base > 1) & jnp.isfinite(base)
+    ratio = jnp.where(xc > 0, xc / clip, 1.0)
+    q = jnp.maximum(jnp.round(-jnp.log(ratio) / jnp.log(base)), 0.0)
+    levels = clip * jnp.power(base, -q)
+    quantized = jnp.where((xc > 0) & (q < q_max), levels, 0.0)
+    quantized = jnp.where(valid & (xc >= 0) & ~jnp.isnan(q_max), quantized, jnp.nan)
+    return _straight_through(xc, quantized).astype(x.dtype)
+
+
+def twin_quantize_clipped(x: jax.Array, bits: Any, clip: jax.Array, fine_clip: jax.Array) -> jax.Array:
+    """Twin-uniform quantizer of post-GELU activations (PTQ4ViT, Yuan et al., 2022).
+
+    One bit picks the range; the other ``b - 1`` bits are a uniform grid in it:
+    a fine signed grid of step ``fine_clip / 2^(b-2)`` on ``[-fine_clip, fine_clip)`` for the
+    many values near zero (and GELU's small negative tail), and a coarse unsigned grid of
+    step ``clip / (2^(b-1) - 1)`` on ``[0, clip]`` for the rest. Values of either sign beyond
+    their range clamp to its end.
+
+    Args:
+      x: floating array.
+      bits: integer of shape [] (may be traced; at least 2).
+      clip: positive float of shape [], the largest level of the coarse range.
+      fine_clip: positive float of shape [], the end of the fine range (< ``clip``).
+
+    Returns:
+      Array of ``x``'s shape and dtype. Gradient: as :func:`fake_quant` in the range each
+      value falls in (straight-through inside it, LSQ to that range's clip).
+    """
+    cdtype = compute_dtype(x.dtype)
+    xc = x.astype(cdtype)
+    b = jnp.asarray(bits).astype(jnp.int32)
+    fine_min, fine_max = quant_range(b - 1, signed=True, dtype=cdtype)   # -2^(b-2) .. 2^(b-2) - 1
+    _, coarse_max = quant_range(b - 1, signed=False, dtype=cdtype)       # 0 .. 2^(b-1) - 1
+    # b - 1 = 1 bit (b = 2) is below quant_range's minimum: the grids of a 2-bit twin quantizer
+    b_ok = b >= 3
+    clip = jnp.asarray(clip, cdtype)
+    fine_clip = jnp.asarray(fine_clip, cdtype)
+    valid = (clip > 0) & jnp.isfinite(clip) & (fine_clip > 0) & (fine_clip < clip) & b_ok
+    fine_scale = jnp.where(valid, fine_clip / -fine_min, jnp.nan)
+    coarse_scale = jnp.where(valid, clip / coarse_max, jnp.nan)
+    in_fine = (xc < 0) | (xc < fine_clip)
+    fine = fake_quant(xc, fine_scale, fine_min, fine_max)
+    coarse = fake_quant(xc, coarse_scale, jnp.zeros_like(coarse_max), coarse_max)
+    return jnp.where(in_fine, fine, coarse).astype(x.dtype)

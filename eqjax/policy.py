@@ -20,7 +20,7 @@ from eqjax import calibration, numerics
 from eqjax import intercept
 from eqjax.intercept import LayerCall
 
-__all__ = ["LayerQuant", "Policy", "build", "validate", "with_activation_clips", "bits_table",
+__all__ = ["LayerQuant", "Policy", "UNIFORM", "LOG", "TWIN", "QUANTIZER_KINDS", "build", "validate", "with_activation_clips", "bits_table",
            "set_bits", "is_calibrated", "uncalibrated_layers", "check_calibrated"]
 
 
@@ -35,6 +35,15 @@ class LayerQuant(NamedTuple):
       a_enabled: bool [] quantize the activation inputs.
       a_clip: float32 [n] calibrated clipping value of each input (NaN until calibrated).
       a_signed: bool [n] signed grid, or unsigned (0..2^b-1) for non-negative inputs.
+      a_kind: None (every input on the uniform grid of eqs. 3-4, the default), or int32 [n]:
+        the quantizer of each input, ``UNIFORM``, ``LOG`` (post-Softmax:
+        :func:`~eqjax.numerics.log_quantize_clipped`) or ``TWIN`` (post-GELU:
+        :func:`~eqjax.numerics.twin_quantize_clipped`); see :mod:`eqjax.vit_quant`. A layer
+        with kinds computes all three quantizers and selects by data, so changing kinds,
+        bases or bits never recompiles; layers without pay for the uniform one only.
+      a_log_base: None, or float32 [n] base of a ``LOG`` input (2 = log2; ignored otherwise).
+      a_fine_ratio: None, or float32 [n] end of the fine range of a ``TWIN`` input, as a fraction
+        of ``a_clip`` (so a learned clip moves both ranges).
     """
 
     w_bits: jax.Array
@@ -43,7 +52,14 @@ class LayerQuant(NamedTuple):
     a_enabled: jax.Array
     a_clip: jax.Array
     a_signed: jax.Array
+    a_kind: jax.Array | None = None
+    a_log_base: jax.Array | None = None
+    a_fine_ratio: jax.Array | None = None
 
+
+# Values of LayerQuant.a_kind.
+UNIFORM, LOG, TWIN = 0, 1, 2
+QUANTIZER_KINDS = {"uniform": UNIFORM, "log": LOG, "twin": TWIN}
 
 Policy = dict[str, LayerQuant]
 BitsRule = tuple[str, Any]  # (regex, bits) or (regex, (w_bits, a_bits))

@@ -490,7 +490,9 @@ def _fingerprint(units, variables, policy, images: np.ndarray, config: Reconstru
     digest.update(json.dumps([[u.path, list(u.layers)] for u in units]).encode())
     for leaf in jax.tree_util.tree_leaves(variables):
         digest.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
-    digest.update(json.dumps({n: [int(lq.w_bits), int(lq.a_bits), np.asarray(lq.a_clip).tolist()]
+    optional = lambda a: None if a is None else np.asarray(a).tolist()
+    digest.update(json.dumps({n: [int(lq.w_bits), int(lq.a_bits), np.asarray(lq.a_clip).tolist(),
+                                  optional(lq.a_kind), optional(lq.a_log_base), optional(lq.a_fine_ratio)]
                               for n, lq in sorted(policy.items())}).encode())
     digest.update(json.dumps([dataclasses.asdict(config), weight_method], default=str).encode())
     digest.update(np.ascontiguousarray(images).tobytes())

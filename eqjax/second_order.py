@@ -131,9 +131,7 @@ def _input_error_squares(lq: LayerQuant, inputs: Sequence[jax.Array], bits: Sequ
     out = []
     for i, x in enumerate(inputs[:lq.a_clip.shape[0]]):
         x = x.astype(jnp.float32)
-        out.append(jnp.stack([jnp.square(numerics.quantize_clipped(x, jnp.int32(b), lq.a_clip[i],
-                                                                   signed=lq.a_signed[i]) - x)
-                              for b in bits]))
+        out.append(jnp.stack([jnp.square(apply.quantize_input(lq, i, x, jnp.int32(b)) - x) for b in bits]))
     return out
 
 

@@ -71,11 +71,9 @@ def single_layer_policies(policy: Mapping[str, LayerQuant], layers: Sequence[str
     for name, lq in policy.items():
         on = np.array([n == name for n, _ in configs])
         b = np.array([bb if n == name else 8 for n, bb in configs], np.int32)
-        stacked[name] = LayerQuant(
+        stacked[name] = jax.tree.map(lambda leaf: jnp.broadcast_to(leaf, (len(configs),) + leaf.shape), lq)._replace(
             w_bits=jnp.asarray(b), a_bits=jnp.asarray(b),
-            w_enabled=jnp.asarray(on & bool(lq.w_enabled)), a_enabled=jnp.asarray(on & bool(lq.a_enabled)),
-            a_clip=jnp.broadcast_to(lq.a_clip, (len(configs),) + lq.a_clip.shape),
-            a_signed=jnp.broadcast_to(lq.a_signed, (len(configs),) + lq.a_signed.shape))
+            w_enabled=jnp.asarray(on & bool(lq.w_enabled)), a_enabled=jnp.asarray(on & bool(lq.a_enabled)))
     return stacked
 
 

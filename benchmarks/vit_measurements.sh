@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The ViT table (BUILD_NOTES "ViTs at 4 bits"): every experiments.vit method at W4A4, W6A6 and
+# W8A8 on the trained ViT proxy (runs/weights/vit_tiny_cifar10, made by benchmarks/vit_gpu.sh and
+# benchmarks.checkpoint_pieces join), all 10,000 CIFAR-10 test images; then DeiT-Tiny with random
+# weights at 224x224 (every method end to end, times per method). One run per bit width, so a
+# finished width keeps its results.json. Repo root; about 2 h on 2 CPU cores.
+set -eu
+PY=${PY:-.venv/bin/python}
+OUT=${OUT:-runs/vit_table}
+PARTS=${PARTS:-"4 6 8 deit"}
+for part in $PARTS; do
+  if [ "$part" = deit ]; then
+    $PY -m experiments.vit --model=deit_tiny --weights=random --dataset=folder:../shared/data/imagenet/val \
+      --calib_dataset=folder:../shared/data/imagenet/calib --calib_images=32 --eval_images=64 --bits=4 \
+      --search_images=32 --recon_iterations=20 --ranking_steps=20 --agreement_images=16 --batch_size=32 \
+      --workdir="$OUT/deit_random"
+  else
+    $PY -m experiments.vit --model=vit_tiny_cifar --weights=runs/weights/vit_tiny_cifar10 \
+      --dataset=tar:../shared/data/cifar10/test.tar --calib_dataset=tar:../shared/data/cifar10/train.tar \
+      --bits="$part" --batch_size=250 --workdir="$OUT/w$part"
+  fi
+done
