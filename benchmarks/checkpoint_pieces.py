@@ -4,6 +4,9 @@ The device machine returns files of at most 16 MB, and a DeiT-width ViT's variab
 
     python -m benchmarks.checkpoint_pieces split runs/vit/train/final $OUT/vit   # vit.json, vit.0.npz, ...
     python -m benchmarks.checkpoint_pieces join /work/.device/.../vit runs/weights/vit_tiny_cifar10
+
+``split`` also takes an experiments.train output folder (``WORKDIR/train``) whose run was stopped
+before it wrote ``final/``: then the parameters of its newest checkpoint are split.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import os
 
 import numpy as np
 from flax import traverse_util
@@ -20,8 +24,26 @@ from eqjax import checkpoint, models
 PIECE_BYTES = 12 * 2 ** 20
 
 
+def _newest_training_state(train_dir: str) -> checkpoint.Checkpoint:
+    """The parameters of the newest checkpoint of an experiments.train run (no ``final/`` yet)."""
+    import orbax.checkpoint as ocp
+
+    steps = sorted(int(d) for d in os.listdir(os.path.join(train_dir, "checkpoints")) if d.isdigit())
+    if not steps:
+        raise FileNotFoundError(f"no checkpoints in {train_dir}/checkpoints")
+    state = ocp.StandardCheckpointer().restore(os.path.join(train_dir, "checkpoints", str(steps[-1]), "state"))
+    with open(os.path.join(train_dir, "results.json")) as f:
+        run = json.load(f)
+    return checkpoint.Checkpoint(run["model"], run["num_classes"], models.Preprocessing.from_dict(run["preprocessing"]),
+                                 {"params": state["params"]}, f"{train_dir} step {steps[-1]}")
+
+
 def split(source: str, prefix: str) -> list[str]:
-    ck = checkpoint.load(source)
+    final = os.path.join(source, "final")
+    if os.path.isdir(os.path.join(source, "checkpoints")):
+        ck = checkpoint.load(final) if checkpoint.is_checkpoint(final) else _newest_training_state(source)
+    else:
+        ck = checkpoint.load(source)
     flat = {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(ck.variables).items()}
     pieces, current, size = [], {}, 0
     for key, value in flat.items():

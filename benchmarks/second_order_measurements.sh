@@ -6,6 +6,9 @@
 #                (BUDGETS_R18, default 0.11 0.12; BUDGETS_LITE0, default 0.15 0.2)
 #   lite0_wa     Lite0 at the relative energy of uniform W6A6 (first/last 8 bits), from the
 #                Fisher estimate: same widths against separate weight/activation widths
+#   r18_figure   ResNet-18 accuracy-energy figure (runs/so_r18_figure/pareto/pareto.png): the
+#                study's percentile policy, sweep- and Fisher-budgeted policies at 0.11-0.13,
+#                uniform W4A4/W6A6/W8A8 (runs/r18c10_w*, from ptq_measurements.sh)
 # Time and rank agreement: python -m benchmarks.second_order_bench (see its docstring).
 set -eu
 . benchmarks/workloads.sh
@@ -43,7 +46,13 @@ print(round(energy.relative_energy(counts, bits, energy.PRESETS['paper']), 5))")
         $PY -m experiments.mixed $LITE0 --strategy=budget --budget=$W6A6 $separate \
           --sensitivity_json=runs/so_lite0_fisher/sensitivity/results.json --workdir=runs/so_lite0_w6a6_energy$separate
       done ;;
-    *) echo "unknown part $part (known: r18 lite0 lite0_wa)" >&2; exit 2 ;;
+    r18_figure)
+      compare r18 "$R18" "0.13"
+      [ -f runs/so_r18_percentile/mixed/results.json ] || $PY -m experiments.mixed $R18 --strategy=percentile \
+        --sensitivity_json=runs/so_r18_sweep/sensitivity/results.json --workdir=runs/so_r18_percentile
+      $PY -m experiments.pareto --workdir=runs/so_r18_figure --results="runs/so_r18_*/mixed/results.json,\
+runs/r18c10_w4a4/ptq/results.json,runs/r18c10_w6a6/ptq/results.json,runs/r18c10_w8a8/ptq/results.json" ;;
+    *) echo "unknown part $part (known: r18 lite0 lite0_wa r18_figure)" >&2; exit 2 ;;
   esac
 done
 $PY - <<'PYEOF'

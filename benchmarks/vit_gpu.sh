@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # ViT proxy on a GPU (BUILD_NOTES "A trained ViT proxy"): trains the DeiT-Tiny-width vit_tiny_cifar
-# on 40,000 CIFAR-10 training images for as many epochs of its recipe as fit TRAIN_S seconds,
+# on 40,000 CIFAR-10 training images for as many epochs of its recipe as fit TRAIN_S seconds
+# (bare step throughput from benchmarks.train_probe times LOOP_SHARE),
 # returns its variables in pieces of at most 12 MB (benchmarks.checkpoint_pieces), and times
 # one-pass sensitivity against the sweep (issue 16) on the same machine.
 # Repo root. Needs DATA (default .device_vit, git-ignored) prepared on the CPU machine with
@@ -12,7 +13,8 @@ set -u
 PY=${PY:-python3}
 DATA=${DATA:-.device_vit}
 OUT=${OUT:-runs/vit_gpu}
-WORK=${WORK:-$OUT/work}
+WORK=${WORK:-/tmp/vit_gpu_work}  # outside OUT: the device tool empties OUT before each command
+LOOP_SHARE=${LOOP_SHARE:-0.4}  # experiments.train's loop (eval + checkpoint per epoch) vs bare steps, measured on an H200
 TRAIN_S=${TRAIN_S:-240}  # seconds of training steps (evaluation and checkpoints come on top)
 EXTRA=${EXTRA:-}  # more experiments.train flags (a CPU smoke run: EXTRA="--train_images=512 --eval_images=128")
 SENSITIVITY_MODELS=${SENSITIVITY_MODELS-resnet18_cifar efficientnet_lite0 deit_tiny}  # "" skips them
@@ -50,7 +52,8 @@ step() {  # step NAME SECONDS COMMAND...: runs COMMAND under a time limit, outpu
   echo "== $name: exit $?, $((SECONDS - start)) s (limit $limit s)" | tee -a "$LOG"
 }
 
-step probe 120 $PY -m benchmarks.train_probe --model=vit_tiny_cifar --train_images=40000 --budget_s="$TRAIN_S"
+step probe 120 $PY -m benchmarks.train_probe --model=vit_tiny_cifar --train_images=40000 \
+  --budget_s="$($PY -c "print($TRAIN_S * $LOOP_SHARE)")"
 EPOCHS=$(grep -o '^EPOCHS=[0-9]*' "$LOG" | tail -1 | cut -d= -f2)
 grep "img/s" "$LOG" | tail -1
 step train $((TRAIN_S * 2 + 60)) $PY -m experiments.train --model=vit_tiny_cifar --num_classes=10 \
@@ -58,7 +61,8 @@ step train $((TRAIN_S * 2 + 60)) $PY -m experiments.train --model=vit_tiny_cifar
   --log_every=500 --checkpoint_every=100000 --workdir="$WORK/vit" $EXTRA
 grep -E "^.*epoch [0-9]+: " "$LOG" | tail -3
 cp "$WORK/vit/train/results.json" "$OUT/train.results.json" 2>/dev/null
-[ -d "$WORK/vit/train/final" ] && step split 60 $PY -m benchmarks.checkpoint_pieces split "$WORK/vit/train/final" "$OUT/vit"
+# final/ if training finished, else the newest checkpoint
+step split 60 $PY -m benchmarks.checkpoint_pieces split "$WORK/vit/train" "$OUT/vit"
 
 for model in $SENSITIVITY_MODELS; do
   step "second_order_$model" 150 $PY -m benchmarks.second_order_bench --model=$model --weights=random \

@@ -245,6 +245,8 @@ def run(config: MixedRunConfig, *, log: Callable[[str], None] = common.log) -> d
     if config.sensitivity_json:
         sens, estimate = _load_sensitivity(config.sensitivity_json, work.spec.name, layers,
                                            need_separate=config.separate_widths)
+        # results.json names the method that made the file, not the flag's default
+        config = dataclasses.replace(config, sensitivity_method=estimate.method if estimate else "sweep")
     elif config.sensitivity_method == "sweep":
         sens = work.sweep(stats, config.ptq, config.bit_set)
     else:

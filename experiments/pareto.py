@@ -39,7 +39,12 @@ def _label(result: dict, path: str) -> str:
     suffix = ("" if method == "nearest" else f" + {method}") + (
         " + bias corr." if result.get("config", {}).get("bias_correction") else "")
     if result.get("experiment") == "mixed":
-        return f"mixed ({result.get('config', {}).get('strategy', '?')}){suffix}"
+        config = result.get("config", {})
+        strategy = config.get("strategy", "?")
+        if strategy == "budget":  # which sensitivity chose the allocation: the sweep or a one-pass estimate
+            second_order = result.get("second_order") or {}
+            strategy += f", {second_order.get('method') or 'sweep'} {result['energy']['relative']:.3f}"
+        return f"mixed ({strategy}){suffix}"
     name = f"W{result.get('w_bits')}A{result.get('a_bits')} {result.get('config', {}).get('calib_method', '')}"
     return name.strip() + suffix
 
