@@ -3,11 +3,13 @@
 # W8A8 on the trained ViT proxy (runs/weights/vit_tiny_cifar10, made by benchmarks/vit_gpu.sh and
 # benchmarks.checkpoint_pieces join), all 10,000 CIFAR-10 test images; then DeiT-Tiny with random
 # weights at 224x224 (every method end to end, times per method). One run per bit width, so a
-# finished width keeps its results.json. Repo root; about 2 h on 2 CPU cores.
+# finished width keeps its results.json. Repo root; about 1 h per width on 2 CPU cores with all
+# 10,000 test images (EVAL_IMAGES; each evaluation takes about 2 min).
 set -eu
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-runs/vit_table}
 PARTS=${PARTS:-"4 6 8 deit"}
+ALL=standard,log2,adalog,twin,reparam,ranking,qdrop,combined
 for part in $PARTS; do
   if [ "$part" = deit ]; then
     $PY -m experiments.vit --model=deit_tiny --weights=random --dataset=folder:../shared/data/imagenet/val \
@@ -17,6 +19,7 @@ for part in $PARTS; do
   else
     $PY -m experiments.vit --model=vit_tiny_cifar --weights=runs/weights/vit_tiny_cifar10 \
       --dataset=tar:../shared/data/cifar10/test.tar --calib_dataset=tar:../shared/data/cifar10/train.tar \
-      --bits="$part" --batch_size=250 --workdir="$OUT/w$part"
+      --bits="$part" --batch_size=250 --eval_images="${EVAL_IMAGES:-10000}" --methods="${METHODS:-$ALL}" \
+      --recon_iterations="${RECON_ITERATIONS:-500}" --workdir="$OUT/w$part"
   fi
 done

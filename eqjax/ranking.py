@@ -75,7 +75,7 @@ def apply_scales(policy: Mapping[str, LayerQuant],
 
 
 @contextlib.contextmanager
-def _recording_scores(scores_suffix: str):
+def recording_scores(scores_suffix: str):
     """Collects, into the yielded list, the outputs of the layers named ``*scores_suffix``."""
     scores = []
 
@@ -96,7 +96,7 @@ def block_forward(module: nn.Module, params: Mapping, x: jax.Array, *,
     """One block (unbound ``module``) on tokens ``x`` [batch, tokens, dim], full precision or
     quantized by ``policy`` with ``log_scales``; returns (output, [attention scores per score layer])."""
     variables = {"params": params}
-    with _recording_scores(scores_suffix) as scores:
+    with recording_scores(scores_suffix) as scores:
         if policy is None:
             out = module.apply(variables, x)
         else:
@@ -106,12 +106,12 @@ def block_forward(module: nn.Module, params: Mapping, x: jax.Array, *,
     return out, scores
 
 
-def _rows(scores: Sequence[jax.Array], rows: jax.Array | None) -> list[jax.Array]:
+def score_rows(scores: Sequence[jax.Array], rows: jax.Array | None) -> list[jax.Array]:
     """The query rows ``rows`` of scores [batch, heads, queries, keys] (all when None)."""
     return list(scores) if rows is None else [s[..., rows, :] for s in scores]
 
 
-def _even_rows(tokens: int, num_rows: int | None) -> jax.Array | None:
+def even_rows(tokens: int, num_rows: int | None) -> jax.Array | None:
     """``num_rows`` evenly spaced query rows of ``tokens`` (None = all), for fixed measurements."""
     if num_rows is None or num_rows >= tokens:
         return None
@@ -132,7 +132,7 @@ def _block_functions(module: nn.Module, scores_suffix: str, similarity_kind: str
         q_out, q_scores = block_forward(module, params, x_q, policy=policy, log_scales=log_scales,
                                         scores_suffix=scores_suffix)
         fp_out, fp_scores = jax.lax.stop_gradient((fp_out, fp_scores))
-        return ranking_objective(fp_out, q_out, _rows(fp_scores, rows), _rows(q_scores, rows),
+        return ranking_objective(fp_out, q_out, score_rows(fp_scores, rows), score_rows(q_scores, rows),
                                  gamma=gamma, margin=margin, similarity_kind=similarity_kind)
 
     def adam_step(log_scales, opt_state, learning_rate, params, policy, x_q, x_fp, rows, gamma, margin):
@@ -286,7 +286,7 @@ def ranking_ptq(model: nn.Module, variables: Mapping, policy: Mapping[str, Layer
         tokens = x_q.shape[1]
         pick_rows = lambda: (None if num_rows is None or num_rows >= tokens
                              else jnp.asarray(np.sort(rng.choice(tokens, num_rows, replace=False))))
-        eval_rows = _even_rows(tokens, num_rows)
+        eval_rows = even_rows(tokens, num_rows)
         evaluate = lambda ls: loss_fn(ls, params, local, x_q[fixed], x_fp[fixed], eval_rows, gamma, margin)
         before, before_parts = evaluate(init)
         log_scales, failure = init, None
@@ -341,13 +341,13 @@ def attention_agreement(model: nn.Module, variables: Mapping, qvariables: Mappin
     ``logit_similarity`` (Pearson correlation of the logits, mean over images).
     ``qvariables``: the quantized weights (``apply.quantize_weights``).
     """
-    with _recording_scores(scores_suffix) as fp_scores:
+    with recording_scores(scores_suffix) as fp_scores:
         fp_logits = model.apply(variables, images)
-    with _recording_scores(scores_suffix) as q_scores:
+    with recording_scores(scores_suffix) as q_scores:
         q_logits = apply.quantized_apply(model, qvariables, policy, images, quantize_kernels=False)
     if not fp_scores:
         raise ValueError(f"no '*{scores_suffix}' layers in {type(model).__name__}")
-    rows = _even_rows(fp_scores[0].shape[-2], num_rows)
+    rows = even_rows(fp_scores[0].shape[-2], num_rows)
     kept = jnp.mean(jnp.stack([kept_order_fraction(a, b) for a, b in
-                               zip(_rows(fp_scores, rows), _rows(q_scores, rows))]))
+                               zip(score_rows(fp_scores, rows), score_rows(q_scores, rows))]))
     return {"kept_order": kept, "logit_similarity": jnp.mean(pearson_correlation(fp_logits, q_logits))}

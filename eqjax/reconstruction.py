@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from eqjax import apply, calibration, intercept, numerics, policy as policy_lib
+from eqjax import apply, calibration, intercept, numerics, policy as policy_lib, ranking
 from eqjax import reconstruction_core as core
 from eqjax.policy import LayerQuant, Policy
 
@@ -65,6 +65,10 @@ class ReconstructionConfig:
       fisher: weight each unit's output error by the diagonal Fisher (BRECQ): the squared
         gradient of KL(FP ‖ quantized) w.r.t. the unit output in the round-to-nearest model,
         normalised to mean 1 per unit (so ``rounding_weight`` keeps its meaning).
+      ranking_weight: γ of an extra ranking-aware term for ViT blocks (Liu et al., 2021):
+        ``γ · L_rank`` between the full-precision and quantized attention scores of the unit's
+        ``*.qk_matmul`` layers on ``ranking_rows`` evenly spaced query rows; 0 = off.
+      ranking_rows: query rows per score layer in the ranking term.
       seed: mini-batches and QDrop masks.
     """
 
@@ -78,6 +82,8 @@ class ReconstructionConfig:
     beta: tuple[float, float] = (20.0, 2.0)
     drop_prob: float = 0.5
     fisher: bool = False
+    ranking_weight: float = 0.0
+    ranking_rows: int = 32
     seed: int = 0
 
     def __post_init__(self):
@@ -89,8 +95,11 @@ class ReconstructionConfig:
         for name in ("rounding_lr", "clip_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if not self.rounding_weight >= 0:
-            raise ValueError(f"rounding_weight must be >= 0, got {self.rounding_weight}")
+        for name in ("rounding_weight", "ranking_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.ranking_rows < 1:
+            raise ValueError(f"ranking_rows must be >= 1, got {self.ranking_rows}")
         if not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"warmup must be in [0, 1), got {self.warmup}")
         if not 0.0 <= self.drop_prob < 1.0:
@@ -232,23 +241,40 @@ def _unit_forward(unit_module, static_args, sub_vars, policy, state, scales, x, 
 
 
 @functools.lru_cache(maxsize=32)
-def _unit_functions(unit_module: nn.Module, static_args: tuple):
-    """Jitted step, loss and forwards of one unit architecture (equal units: one compilation)."""
+def _unit_functions(unit_module: nn.Module, static_args: tuple, ranking_rows: int | None = None):
+    """Jitted step, loss and forwards of one unit architecture (equal units: one compilation);
+    ``ranking_rows`` adds the ranking term on that many query rows of each score layer."""
 
-    def objective(state, sub_vars, policy, scales, x, target, fisher, key, drop_prob, beta, reg_on, weight):
-        out = _unit_forward(unit_module, static_args, sub_vars, policy, state, scales, x, key, drop_prob)
+    def scores_of(forward):
+        if ranking_rows is None:
+            return forward(), []
+        with ranking.recording_scores(ranking.SCORES_SUFFIX) as scores:
+            out = forward()
+        return out, scores
+
+    def objective(state, sub_vars, policy, scales, x, target, fisher, key, drop_prob, beta, reg_on, weight,
+                  fp_scores, ranking_weight):
+        out, q_scores = scores_of(lambda: _unit_forward(unit_module, static_args, sub_vars, policy, state, scales,
+                                                        x, key, drop_prob))
         error = core.reconstruction_error(out, target, fisher)
         reg = sum((core.rounding_regularizer(v, beta) for v in state["v"].values()), jnp.zeros(()))
-        return error + jnp.where(reg_on, weight, 0.0) * reg, error
+        loss = error + jnp.where(reg_on, weight, 0.0) * reg
+        if q_scores:
+            rows = ranking.even_rows(q_scores[0].shape[-2], ranking_rows)
+            rank = jnp.mean(jnp.stack([ranking.ranking_loss(a, b) for a, b in
+                                       zip(ranking.score_rows(fp_scores, rows), ranking.score_rows(q_scores, rows))]))
+            loss = loss + ranking_weight * rank
+        return loss, error
 
     def step(state, opt_state, sub_vars, policy, scales, x_q, x_fp, target, fisher, key, step_index, hyper):
         beta, reg_on = core.beta_schedule(step_index, hyper["iterations"], warmup=hyper["warmup"],
                                           start=hyper["beta_start"], end=hyper["beta_end"])
         input_key, key = jax.random.split(key)
         x = core.drop_quantization(input_key, x_fp, x_q, hyper["drop_prob"])
+        _, fp_scores = scores_of(lambda: unit_module.apply(sub_vars, x_fp, *static_args))
         (loss, error), grads = jax.value_and_grad(objective, has_aux=True)(
             state, sub_vars, policy, scales, x, target, fisher, key, hyper["drop_prob"], beta, reg_on,
-            hyper["rounding_weight"])
+            hyper["rounding_weight"], fp_scores, hyper["ranking_weight"])
         with jax.numpy_dtype_promotion("standard"):  # optax mixes int counts and float rates
             updates, opt_state = _optimizer(hyper["rounding_lr"], hyper["clip_lr"]).update(grads, opt_state, state)
         return optax.apply_updates(state, updates), opt_state, loss, error
@@ -395,7 +421,8 @@ def reconstruct(model: nn.Module, variables: Mapping, policy: Policy, images: np
              "beta_start": jnp.float32(config.beta[0]), "beta_end": jnp.float32(config.beta[1]),
              "drop_prob": jnp.float32(config.effective_drop_prob),
              "rounding_weight": jnp.float32(config.rounding_weight),
-             "rounding_lr": jnp.float32(config.rounding_lr), "clip_lr": jnp.float32(config.clip_lr)}
+             "rounding_lr": jnp.float32(config.rounding_lr), "clip_lr": jnp.float32(config.clip_lr),
+             "ranking_weight": jnp.float32(config.ranking_weight)}
     capture = _capture_function(model, tuple(u.path for u in units))
     fisher = (fisher_weights(model, variables, policy, images, [u.path for u in units], weight_method=weight_method)
               if config.fisher else {})
@@ -439,7 +466,8 @@ def reconstruct(model: nn.Module, variables: Mapping, policy: Policy, images: np
         fp_policy = _disabled(policy)
         x_fp = _batched(lambda x: capture(variables, fp_policy, x)[unit.path], images, 64)
         x_q = _batched(lambda x: capture(qvars, policy, x)[unit.path], images, 64)
-        step, error_fn, fp_forward = _unit_functions(unit.module, unit.static_args)
+        step, error_fn, fp_forward = _unit_functions(unit.module, unit.static_args,
+                                                     config.ranking_rows if config.ranking_weight > 0 else None)
         target = _batched(lambda x: fp_forward(sub_vars, x), x_fp, 64)
         measure = lambda s: float(error_fn(s, sub_vars, local_policy, scales, x_q[fixed], target[fixed], True))
         before = measure(state)

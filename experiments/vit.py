@@ -11,7 +11,8 @@ of the logits with FP32:
   twin      + post-GELU inputs of fc2 on a twin-uniform grid, split searched (PTQ4ViT)
   reparam   + post-LayerNorm channels reparameterized into per-tensor form (RepQ-ViT)
   ranking   + ranking-aware optimisation of the block scales (Liu et al., 2021)
-  qdrop     + block reconstruction with QDrop (BRECQ with p = --drop_prob)
+  qdrop     + block reconstruction with QDrop (BRECQ with p = --drop_prob); with
+            --recon_ranking_weight > 0, plus the ranking-aware loss on each block's attention scores
   combined  reparam + log2 + twin + qdrop
 
     python -m experiments.vit --model=vit_tiny_cifar --weights=runs/weights/vit_tiny_cifar10 \\
@@ -55,6 +56,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("recon_iterations", 500, "Adam steps per block (qdrop, combined).")
     flags.DEFINE_integer("recon_batch_size", 32, "Calibration images per reconstruction step.")
     flags.DEFINE_float("drop_prob", 0.5, "QDrop's probability of keeping an activation in full precision.")
+    flags.DEFINE_float("recon_ranking_weight", 0.0, "γ of the ranking-aware term added to the reconstruction "
+                       "loss of each block (qdrop, combined); 0 = off.")
     flags.DEFINE_integer("ranking_steps", 200, "Adam steps per block of ranking-aware PTQ.")
     flags.DEFINE_integer("agreement_images", 64, "Evaluation images for kept order and logit correlation.")
     flags.DEFINE_string("workdir", "runs/default", "Output folder; results go to WORKDIR/vit/.")
@@ -84,6 +87,7 @@ class VitRunConfig:
 
 def config_from_flags() -> VitRunConfig:
     names = {"iterations": "recon_iterations", "batch_size": "recon_batch_size", "drop_prob": "drop_prob",
+             "ranking_weight": "recon_ranking_weight",
              "methods": "methods", "search_images": "search_images", "ranking_steps": "ranking_steps",
              "agreement_images": "agreement_images"}
     return workload_lib.translate_errors(lambda: VitRunConfig(
@@ -92,7 +96,7 @@ def config_from_flags() -> VitRunConfig:
         bits=workload_lib.parse_bits(FLAGS.bits), methods=tuple(FLAGS.methods), search_images=FLAGS.search_images,
         recon=reconstruction.ReconstructionConfig(method="qdrop", iterations=FLAGS.recon_iterations,
                                                   batch_size=FLAGS.recon_batch_size, drop_prob=FLAGS.drop_prob,
-                                                  seed=FLAGS.seed),
+                                                  ranking_weight=FLAGS.recon_ranking_weight, seed=FLAGS.seed),
         ranking_steps=FLAGS.ranking_steps, agreement_images=FLAGS.agreement_images, workdir=FLAGS.workdir), names)
 
 

@@ -66,17 +66,19 @@ def test_twin_quantizer_matches_numpy(bits):
     assert all(np.isfinite(g) and g != 0 for g in grads)
 
 
-def _tiny_vit(bits=4):
+@pytest.fixture(scope="module")
+def tiny_vit():
+    """(spec, model, variables, images, W4A4 policy calibrated on the images) of a 2-block ViT."""
     spec = models.get("vit_tiny_cifar")
     model = spec.build(num_classes=10, **TINY_VIT)
     variables = spec.init(jax.random.key(0), num_classes=10, **TINY_VIT)
     images = jax.random.normal(jax.random.key(1), (8, 32, 32, 3))
-    policy = eqjax.calibrate(model, variables, [images], eqjax.PTQConfig(w_bits=bits, a_bits=bits))
+    policy = eqjax.calibrate(model, variables, [images], eqjax.PTQConfig(w_bits=4, a_bits=4))
     return spec, model, variables, images, policy
 
 
-def test_with_quantizer_sets_kinds_as_data_and_rejects_bad_settings():
-    _, _, _, _, policy = _tiny_vit()
+def test_with_quantizer_sets_kinds_as_data_and_rejects_bad_settings(tiny_vit):
+    _, _, _, _, policy = tiny_vit
     softmax = vit_quant.matching_layers(policy, vit_quant.SOFTMAX_LAYERS)
     gelu = vit_quant.matching_layers(policy, vit_quant.GELU_LAYERS)
     assert softmax == ["blocks.0.attn.av_matmul", "blocks.1.attn.av_matmul"] and gelu == ["blocks.0.mlp.fc2", "blocks.1.mlp.fc2"]
@@ -99,8 +101,8 @@ def test_with_quantizer_sets_kinds_as_data_and_rejects_bad_settings():
         vit_quant.with_quantizer(two_bit, ["blocks.0.mlp.fc2"], "twin")
 
 
-def test_a_policy_mixing_quantizers_compiles_once_across_kinds_bases_and_bits():
-    _, model, variables, images, policy = _tiny_vit()
+def test_a_policy_mixing_quantizers_compiles_once_across_kinds_bases_and_bits(tiny_vit):
+    _, model, variables, images, policy = tiny_vit
     softmax = vit_quant.matching_layers(policy, vit_quant.SOFTMAX_LAYERS)
     gelu = vit_quant.matching_layers(policy, vit_quant.GELU_LAYERS)
     traces = []
@@ -120,8 +122,8 @@ def test_a_policy_mixing_quantizers_compiles_once_across_kinds_bases_and_bits():
     assert not np.allclose(outputs[0], outputs[1]) and not np.allclose(outputs[0], outputs[2])
 
 
-def test_search_picks_the_candidate_with_the_smallest_layer_output_error():
-    _, model, variables, images, policy = _tiny_vit()
+def test_search_picks_the_candidate_with_the_smallest_layer_output_error(tiny_vit):
+    _, model, variables, images, policy = tiny_vit
     softmax = vit_quant.matching_layers(policy, vit_quant.SOFTMAX_LAYERS)
     searched, errors = vit_quant.search_quantizer(model, variables, policy, [images], softmax, "log",
                                                   candidates=(2.0, 2 ** 0.5, 1.1))
@@ -166,14 +168,22 @@ def test_reparameterization_leaves_deit_tiny_fp32_logits_unchanged_and_equalizes
     np.testing.assert_allclose(seen["x"], np.full(seen["x"].shape, float(jnp.mean(seen["x"]))), rtol=1e-4)
 
 
-def test_reconstruction_learns_clips_of_a_policy_with_log_and_twin_quantizers():
-    spec, model, variables, images, policy = _tiny_vit()
+def test_reconstruction_with_the_ranking_term_learns_clips_of_log_and_twin_policies(tiny_vit):
+    spec, model, variables, images, policy = tiny_vit
     policy = vit_quant.with_quantizer(policy, vit_quant.matching_layers(policy, vit_quant.SOFTMAX_LAYERS), "log")
     policy = vit_quant.with_quantizer(policy, vit_quant.matching_layers(policy, vit_quant.GELU_LAYERS), "twin")
-    result = reconstruction.reconstruct(model, variables, policy, np.asarray(images),
-                                        reconstruction.ReconstructionConfig(method="qdrop", iterations=4, batch_size=4),
-                                        is_block=spec.is_block)
+    config = reconstruction.ReconstructionConfig(method="qdrop", iterations=4, batch_size=4, ranking_weight=1.0,
+                                                 ranking_rows=8)
+    result = reconstruction.reconstruct(model, variables, policy, np.asarray(images), config, is_block=spec.is_block)
     assert not any(u["stopped"] for u in result.units)
+    assert [u["unit"] for u in result.units] == ["patch_embed.proj", "blocks.0", "blocks.1", "head"]
     fc2 = result.policy["blocks.0.mlp.fc2"]
     assert fc2.a_kind.tolist() == [TWIN] and np.isfinite(np.asarray(fc2.a_clip)).all()
     assert float(fc2.a_clip[0]) != float(policy["blocks.0.mlp.fc2"].a_clip[0])  # learned
+
+
+def test_ranking_term_settings_are_checked():
+    with pytest.raises(ValueError, match="ranking_weight must be >= 0, got -1"):
+        reconstruction.ReconstructionConfig(ranking_weight=-1)
+    with pytest.raises(ValueError, match="ranking_rows must be >= 1, got 0"):
+        reconstruction.ReconstructionConfig(ranking_rows=0)
