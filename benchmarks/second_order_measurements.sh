@@ -61,7 +61,7 @@ for path in sorted(glob.glob("runs/so_*/mixed/results.json")):
     r = json.load(open(path))
     c = r["config"]
     source = c["sensitivity_json"].split("/")[1] if c["sensitivity_json"] else c["sensitivity_method"]
-    print(f"{path.split('/')[1]:40s} {source:16s} separate {c['separate_widths']!s:5s} budget {r['budget']:.4f} "
+    print(f"{path.split('/')[1]:40s} {source:16s} separate {c['separate_widths']!s:5s} budget {r['budget'] or float('nan'):.4f} "
           f"energy {r['energy']['relative']:.4f} top-1 {r['top1']:.2f} (FP32 {r['fp32_top1']:.2f}) "
           f"{r['layer_counts_by_bits']}")
 PYEOF
