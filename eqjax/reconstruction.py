@@ -271,7 +271,8 @@ def _unit_functions(unit_module: nn.Module, static_args: tuple, ranking_rows: in
                                           start=hyper["beta_start"], end=hyper["beta_end"])
         input_key, key = jax.random.split(key)
         x = core.drop_quantization(input_key, x_fp, x_q, hyper["drop_prob"])
-        _, fp_scores = scores_of(lambda: unit_module.apply(sub_vars, x_fp, *static_args))
+        fp_scores = (scores_of(lambda: unit_module.apply(sub_vars, x_fp, *static_args))[1]
+                     if ranking_rows is not None else [])
         (loss, error), grads = jax.value_and_grad(objective, has_aux=True)(
             state, sub_vars, policy, scales, x, target, fisher, key, hyper["drop_prob"], beta, reg_on,
             hyper["rounding_weight"], fp_scores, hyper["ranking_weight"])
