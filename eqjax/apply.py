@@ -24,7 +24,12 @@ from eqjax import calibration, intercept, numerics
 from eqjax.intercept import LayerCall
 from eqjax.policy import LOG, TWIN, LayerQuant
 
-__all__ = ["check_weighted_layers", "quantize_weights", "quantize_input", "quantize_layer_inputs", "quantized_apply", "collect_activation_stats", "init_activation_stats"]
+__all__ = ["batch_images", "check_weighted_layers", "quantize_weights", "quantize_input", "quantize_layer_inputs", "quantized_apply", "collect_activation_stats", "init_activation_stats"]
+
+
+def batch_images(batch: Any) -> jax.Array:
+    """The images of a batch given as ``images`` or ``(images, labels)``."""
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
 def quantize_weights(variables: Mapping, policy: Mapping[str, LayerQuant], *,

@@ -500,7 +500,7 @@ def twin_quantize_clipped(x: jax.Array, bits: Any, clip: jax.Array, fine_clip: j
     valid = (clip > 0) & jnp.isfinite(clip) & (fine_clip > 0) & (fine_clip < clip) & b_ok
     fine_scale = jnp.where(valid, fine_clip / -fine_min, jnp.nan)
     coarse_scale = jnp.where(valid, clip / coarse_max, jnp.nan)
-    in_fine = (xc < 0) | (xc < fine_clip)
+    in_fine = xc < fine_clip  # every negative value too: fine_clip > 0
     fine = fake_quant(xc, fine_scale, fine_min, fine_max)
     coarse = fake_quant(xc, coarse_scale, jnp.zeros_like(coarse_max), coarse_max)
     return jnp.where(in_fine, fine, coarse).astype(x.dtype)

@@ -117,11 +117,6 @@ class QuantizedState:
     policy: Policy
 
 
-def _images(batch: Any) -> jax.Array:
-    """The images of a batch given as ``images`` or ``(images, labels)``."""
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
-
-
 def layer_calls(model: nn.Module, example: Any, *, variables: Any = None) -> list[LayerCall]:
     """The quantizable layer calls of ``model`` on inputs shaped like ``example`` (no compute)."""
     example = jax.ShapeDtypeStruct(np.shape(example), getattr(example, "dtype", np.float32))
@@ -145,7 +140,7 @@ def collect_statistics(model: nn.Module, variables: Any, batches: Iterable[Any],
       on_progress: called with ``{'images': seen}`` after every batch.
     """
     report = None if on_progress is None else (lambda n: on_progress({"images": n}))
-    return apply.collect_activation_stats(model, variables, (_images(b) for b in batches),
+    return apply.collect_activation_stats(model, variables, (apply.batch_images(b) for b in batches),
                                           apply.init_activation_stats(calls), on_batch=report)
 
 
@@ -180,7 +175,7 @@ def calibrate(model: nn.Module, variables: Any, batches: Iterable[Any], config: 
     first = next(iterator, None)
     if first is None:
         raise ValueError("batches is empty: calibration needs at least one batch of images")
-    calls = layer_calls(model, _images(first), variables=variables)
+    calls = layer_calls(model, apply.batch_images(first), variables=variables)
     if policy is None:
         policy = build_policy(calls, config)
     else:

@@ -163,8 +163,7 @@ def search_quantizer(model: nn.Module, variables: Mapping, policy: Mapping[str, 
 
     total = {n: np.zeros(len(candidates)) for n in layers}
     for batch in batches:
-        images = batch[0] if isinstance(batch, tuple) else batch
-        for name, e in errors(variables, stacked, jnp.asarray(images)).items():
+        for name, e in errors(variables, stacked, jnp.asarray(apply.batch_images(batch))).items():
             total[name] += np.asarray(e, np.float64)
     best = {n: candidates[int(np.argmin(total[n]))] for n in layers}
     report = {n: {f"{c:.6g}": float(e) for c, e in zip(candidates, total[n])} for n in layers}
@@ -264,8 +263,7 @@ def reparameterize_layernorms(model: nn.Module, variables: Mapping, batches: Ite
 
     peak = None
     for batch in batches:
-        images = batch[0] if isinstance(batch, tuple) else batch
-        current = channel_absmax(variables, jnp.asarray(images))
+        current = channel_absmax(variables, jnp.asarray(apply.batch_images(batch)))
         peak = current if peak is None else jax.tree.map(jnp.maximum, peak, current)
     if peak is None:
         raise ValueError("no calibration images for the reparameterization")

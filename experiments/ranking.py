@@ -115,31 +115,60 @@ def _plot(path, rows, model):
     common.save_figure(fig, path)
 
 
+@dataclasses.dataclass
+class VitRun:
+    """A ViT workload ready for side-by-side methods: activation statistics of the FP model,
+    the calibration images, the images of the agreement measurement and the FP32 accuracy."""
+
+    work: workload_lib.Workload
+    stats: dict
+    calibration_s: float
+    calib_images: np.ndarray
+    agreement_images: np.ndarray
+    fp32: dict
+
+    def __post_init__(self):
+        self.fp_variables = self.work.variables  # the reference of every agreement measurement
+
+    def measure(self, state: ptq.QuantizedState, label: str, *, num_rows: int | None = 32) -> dict[str, float]:
+        """top-1/top-5 of ``state`` on the evaluation images, and how far it keeps the FP model
+        (``kept_order``, ``logit_similarity``: :func:`eqjax.ranking.attention_agreement`)."""
+        measured = self.work.evaluate_quantized(state, label)
+        agreement = ranking.attention_agreement(self.work.model, self.fp_variables, state.variables, state.policy,
+                                                self.agreement_images, num_rows=num_rows)
+        return {"top1": measured["top1"], "top5": measured["top5"], **{k: float(v) for k, v in agreement.items()}}
+
+
+def open_vit_run(config: workload_lib.WorkloadConfig, agreement_images: int, *, purpose: str,
+                 log: Callable[[str], None] = common.log) -> VitRun:
+    """Opens a ViT workload (an error names ``purpose`` for a model without attention layers),
+    collects its activation statistics and evaluates FP32."""
+    work = workload_lib.open_workload(config, log=log)
+    if not any(c.name.endswith(ranking.SCORES_SUFFIX) for c in work.calls):
+        raise ValueError(f"--model={work.spec.name} has no attention layers; {purpose} needs a ViT "
+                         "(deit_tiny, vit_tiny_cifar)")
+    stats, calibration_s = work.collect_stats()
+    calib_images = np.concatenate([images for images, _ in work.calib_batches()])
+    agreement = np.concatenate([images for images, _ in work.eval_batches()])[:agreement_images]
+    return VitRun(work, stats, calibration_s, calib_images, agreement, work.evaluate_fp32())
+
+
 def run(config: RankingRunConfig, *, log: Callable[[str], None] = common.log) -> dict[str, Any]:
     """Standard and ranking-aware PTQ at every bit width; writes WORKDIR/ranking/results.json and ranking.png."""
     started = time.perf_counter()
     out = common.output_dir(config.workdir, "ranking")
-    work = workload_lib.open_workload(config.workload, log=log)
-    if not any(c.name.endswith(ranking.SCORES_SUFFIX) for c in work.calls):
-        raise ValueError(f"--model={work.spec.name} has no attention layers; ranking-aware PTQ needs a ViT "
-                         "(deit_tiny, vit_tiny_cifar)")
-    stats, calibration_s = work.collect_stats()
-    calib_images = np.concatenate([images for images, _ in work.calib_batches()])
-    agreement_images = np.concatenate([images for images, _ in work.eval_batches()])[:config.agreement_images]
-    fp32 = work.evaluate_fp32()
+    vit_run = open_vit_run(config.workload, config.agreement_images, purpose="ranking-aware PTQ", log=log)
+    work, stats, calibration_s = vit_run.work, vit_run.stats, vit_run.calibration_s
+    calib_images, agreement_images, fp32 = vit_run.calib_images, vit_run.agreement_images, vit_run.fp32
 
-    def row(bits, method, policy, state, label, **extra):
-        measured = work.evaluate_quantized(state, label)
-        agreement = ranking.attention_agreement(work.model, work.variables, state.variables, policy,
-                                                agreement_images, num_rows=config.num_rows)
-        return {"bits": bits, "method": method, "top1": measured["top1"], "top5": measured["top5"],
-                **{k: float(v) for k, v in agreement.items()}, **extra}
+    def row(bits, method, state, label, **extra):
+        return {"bits": bits, "method": method, **vit_run.measure(state, label, num_rows=config.num_rows), **extra}
 
     rows, blocks = [], {}
     for bits in config.bits:
         bits_config = dataclasses.replace(config.ptq, w_bits=bits, a_bits=bits)
         policy = work.calibrated(stats, bits_config)
-        rows.append(row(bits, "standard", policy, work.quantize(policy, bits_config), f"W{bits}A{bits} standard"))
+        rows.append(row(bits, "standard", work.quantize(policy, bits_config), f"W{bits}A{bits} standard"))
         log(f"W{bits}A{bits}: ranking-aware optimisation ({config.method}, {config.steps} steps per block)")
         start = time.perf_counter()
         result = ranking.ranking_ptq(
@@ -156,7 +185,7 @@ def run(config: RankingRunConfig, *, log: Callable[[str], None] = common.log) ->
             log(f"WARNING: non-finite loss in {result.stopped_at['block']} at step "
                 f"{result.stopped_at['step']}; it and later blocks keep their calibrated scales")
         state = work.quantize(result.policy, bits_config, result.weight_scales)
-        rows.append(row(bits, "ranking", result.policy, state, f"W{bits}A{bits} ranking",
+        rows.append(row(bits, "ranking", state, f"W{bits}A{bits} ranking",
                         optimisation_s=optimisation_s, stopped_at=result.stopped_at))
         blocks[bits] = result.blocks
 

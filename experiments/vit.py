@@ -30,11 +30,10 @@ import os
 import time
 from typing import Any, Callable
 
-import numpy as np
 from absl import flags
 
 from eqjax import ptq, ranking, reconstruction, vit_quant
-from experiments import common, workload as workload_lib
+from experiments import common, ranking as ranking_script, workload as workload_lib
 
 FLAGS = flags.FLAGS
 
@@ -132,17 +131,13 @@ def run(config: VitRunConfig, *, log: Callable[[str], None] = common.log) -> dic
     """Every method at every bit width; writes WORKDIR/vit/results.json and vit.png."""
     started = time.perf_counter()
     out = common.output_dir(config.workdir, "vit")
-    work = workload_lib.open_workload(config.workload, log=log)
-    if not any(c.name.endswith(ranking.SCORES_SUFFIX) for c in work.calls):
-        raise ValueError(f"--model={work.spec.name} has no attention layers; experiments.vit needs a ViT "
-                         "(deit_tiny, vit_tiny_cifar)")
-    stats, calibration_s = work.collect_stats()
-    calib_images = np.concatenate([images for images, _ in work.calib_batches()])
+    vit_run = ranking_script.open_vit_run(config.workload, config.agreement_images, purpose="experiments.vit",
+                                          log=log)
+    work, stats, calibration_s, calib_images, fp32 = (vit_run.work, vit_run.stats, vit_run.calibration_s,
+                                                     vit_run.calib_images, vit_run.fp32)
     search_batches = [calib_images[i:i + config.workload.batch_size]
                       for i in range(0, min(config.search_images, len(calib_images)), config.workload.batch_size)]
-    agreement_images = np.concatenate([images for images, _ in work.eval_batches()])[:config.agreement_images]
-    fp32 = work.evaluate_fp32()
-    fp_variables = work.variables
+    fp_variables = vit_run.fp_variables
 
     needs_reparam = any(RECIPES[m][0] for m in config.methods)
     if needs_reparam:
@@ -157,11 +152,8 @@ def run(config: VitRunConfig, *, log: Callable[[str], None] = common.log) -> dic
             f"{max(float(r.max()) for r in ratios.values()):.1f}) in {reparam_s:.1f} s")
 
     def row(bits, method, state, seconds, **extra):
-        measured = work.evaluate_quantized(state, f"W{bits}A{bits} {method}")
-        agreement = ranking.attention_agreement(work.model, fp_variables, state.variables, state.policy,
-                                                agreement_images)
-        return {"bits": bits, "method": method, "top1": measured["top1"], "top5": measured["top5"],
-                **{k: float(v) for k, v in agreement.items()}, "seconds": seconds, **extra}
+        return {"bits": bits, "method": method, **vit_run.measure(state, f"W{bits}A{bits} {method}"),
+                "seconds": seconds, **extra}
 
     rows = []
     for bits in config.bits:
@@ -207,7 +199,7 @@ def run(config: VitRunConfig, *, log: Callable[[str], None] = common.log) -> dic
         **dataclasses.asdict(config.ptq), **{k: v for k, v in dataclasses.asdict(config).items()
                                               if k not in ("workload", "ptq")}})
     payload.update({"fp32_top1": fp32["top1"], "fp32_top5": fp32["top5"], "rows": rows,
-                    "num_agreement_images": len(agreement_images),
+                    "num_agreement_images": len(vit_run.agreement_images),
                     "wall_times_s": {"calibration": calibration_s, "total": time.perf_counter() - started}})
     _plot(f"{out}/vit.png", rows, config.methods, work.spec.name)
     payload["results_path"] = common.write_json_atomic(f"{out}/results.json", payload)
