@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.common import median_seconds
-from eqjax import apply, models, policy as policy_lib
+from eqjax import models
+from eqjax.quant import apply, policy as policy_lib
 
 BATCH = {"resnet18_cifar": 256, "efficientnet_lite0": 32, "deit_tiny": 32, "resnet18": 32}
 

@@ -26,7 +26,7 @@ def main() -> None:
 
     x = jax.random.normal(jax.random.key(0), (args.size, args.size), jnp.float32)
     bits = jnp.int32(8)
-    scale = eqjax.numerics.absmax_scale(x, 8)
+    scale = eqjax.quant.numerics.absmax_scale(x, 8)
     candidates = {
         "elementwise x*2+1": (jax.jit(lambda v: v * 2.0 + 1.0), (x,)),
         "quantize, given scale": (jax.jit(lambda v, b, s: eqjax.quantize(v, b, scale=s)), (x, bits, scale)),

@@ -23,7 +23,8 @@ from scipy import stats as scipy_stats
 
 import eqjax
 from benchmarks import sensitivity_bench
-from eqjax import data, models, second_order
+from eqjax import data, models
+from eqjax.algorithms import second_order
 from experiments import common
 
 

@@ -36,7 +36,8 @@ for part in ${PARTS:-r18 lite0 lite0_wa}; do
     lite0_wa)
       sensitivity lite0 "$LITE0" fisher
       W6A6=$($PY -c "
-from eqjax import energy, models
+from eqjax import models
+from eqjax.algorithms import energy
 spec = models.get('efficientnet_lite0')
 counts = energy.count_layers(spec.build(), spec.example_input(1))
 pinned = spec.first_and_last_layers()

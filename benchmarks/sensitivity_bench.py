@@ -18,7 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eqjax import apply, models, policy as policy_lib, sensitivity
+from eqjax import models
+from eqjax.quant import apply, policy as policy_lib
+from eqjax.algorithms import sensitivity
 
 
 def per_configuration_loop(model, variables, policy, images, layers, bits) -> np.ndarray:

@@ -10,11 +10,13 @@ Any Flax model (``eqjax.ptq``; layers are named by their module path, timm names
   ``evaluate(apply_fn, state, batches, batch_size=...)``           top-1 / top-5, sharded
   ``sweep(model, variables, policy, batches, ...)``                layer sensitivity (eq. 5)
 
-Modules: ``numerics`` · ``calibration`` (scale estimators) · ``policy`` (per-layer bits and
-clips as a pytree) · ``apply`` (quantized forward of any Flax model) · ``intercept`` (layer
-calls and names) · ``energy`` (eq. 7) · ``sensitivity`` · ``mixed_precision`` (eq. 6 and
-energy budgets) · ``ranking`` / ``ranking_core`` (ranking-aware PTQ for ViTs) · ``metrics`` ·
-``models`` (ResNet-18, DeiT-Tiny, EfficientNet-Lite0 with timm names) · ``data`` · ``checkpoint``.
+Packages, by layer (DESIGN): ``eqjax.quant`` (``numerics``, ``calibration``, ``policy``,
+``intercept``, ``apply``, ``folding``), ``eqjax.algorithms`` (``energy`` (eq. 7), ``sensitivity``,
+``second_order``, ``mixed_precision`` (eq. 6, budgets), ``allocation``, ``ranking``,
+``reconstruction``, ``vit_quant``, ``pareto``, ``metrics``), then ``ptq`` (the pipeline),
+``models`` (ResNet-18, DeiT-Tiny, EfficientNet-Lite0 with timm names), ``data``, ``checkpoint``
+and ``training``. Every module is also reachable by its short name (``eqjax.numerics``,
+``from eqjax import reconstruction``, ``import eqjax.vit_quant``), as before the grouping.
 
 Example:
   >>> import jax.numpy as jnp
@@ -24,10 +26,24 @@ Example:
   [0.5714, -1.0, 0.2857, 0.1429]
 """
 
-from eqjax import calibration, numerics, policy
-from eqjax.numerics import dequantize, quantize, quantize_int
+import importlib
+import sys
+
+from eqjax.quant.numerics import dequantize, quantize, quantize_int
 from eqjax.ptq import PTQConfig, QuantizedState, bits_table, calibrate, evaluate, sweep
 from eqjax.ptq import quantize as quantize_model
+
+# The short names user code has always imported (``eqjax.numerics``, ``import eqjax.reconstruction``)
+# are the grouped modules themselves: one module object under two names, nothing copied.
+_GROUPED = {"quant": ("numerics", "calibration", "policy", "intercept", "apply", "folding"),
+            "algorithms": ("energy", "sensitivity", "second_order", "mixed_precision", "allocation", "ranking",
+                           "ranking_core", "reconstruction", "reconstruction_core", "vit_quant", "pareto", "metrics")}
+for _package, _names in _GROUPED.items():
+    for _name in _names:
+        _module = importlib.import_module(f"eqjax.{_package}.{_name}")
+        sys.modules.setdefault(f"eqjax.{_name}", _module)
+        globals()[_name] = _module
+del _package, _names, _name, _module
 
 __version__ = "0.1.0"
 

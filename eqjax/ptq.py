@@ -8,7 +8,7 @@ The model-level pipeline in four calls; every argument is data, nothing reads fl
   ``apply_fn(state, images)`` is the quantized forward (weights per output channel, layer
   inputs per tensor, the study's eqs. 3-4);
 * :func:`evaluate` — top-1/top-5 of any ``apply_fn`` over labelled batches, sharded over all
-  local devices (hold a :func:`eqjax.metrics.make_evaluator` to evaluate many states with
+  local devices (hold a :func:`eqjax.algorithms.metrics.make_evaluator` to evaluate many states with
   one compilation);
 * :func:`sweep` — layer sensitivity (eq. 5) of every layer at every bit width in one
   compiled call.
@@ -46,9 +46,10 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from eqjax import apply, calibration, intercept, metrics, numerics, policy as policy_lib, sensitivity
-from eqjax.intercept import LayerCall
-from eqjax.policy import Policy
+from eqjax.quant import apply, calibration, intercept, numerics, policy as policy_lib
+from eqjax.algorithms import metrics, sensitivity
+from eqjax.quant.intercept import LayerCall
+from eqjax.quant.policy import Policy
 
 __all__ = ["PTQConfig", "QuantizedState", "layer_calls", "build_policy", "collect_statistics",
            "with_clips", "calibrate", "quantize", "quantized_logits_fn", "evaluate", "sweep", "bits_table"]
@@ -224,7 +225,7 @@ def evaluate(apply_fn: Callable[[Any, jax.Array], jax.Array], state: Any, batche
              on_progress: Progress | None = None) -> dict[str, float]:
     """Top-1/top-5 (%) of ``apply_fn(state, images)`` over ``(images, labels)`` batches.
 
-    A one-off evaluation; for many states hold ``eqjax.metrics.make_evaluator(apply_fn)``.
+    A one-off evaluation; for many states hold ``eqjax.algorithms.metrics.make_evaluator(apply_fn)``.
     """
     return metrics.evaluate(apply_fn, state, batches, batch_size=batch_size, num_classes=num_classes,
                             on_progress=on_progress)
@@ -241,7 +242,7 @@ def sweep(model: nn.Module, variables: Any, policy: Policy, batches: Iterable[tu
       layers: the layers to sweep (default: every weighted layer of the policy).
 
     Returns:
-      :class:`eqjax.sensitivity.SensitivityResult`.
+      :class:`eqjax.algorithms.sensitivity.SensitivityResult`.
     """
     if layers is None:
         layers = [name for name, lq in policy.items() if bool(lq.w_enabled)]

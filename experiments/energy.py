@@ -15,7 +15,9 @@ import json
 
 from absl import flags
 
-from eqjax import energy, models, numerics, policy as policy_lib
+from eqjax import models
+from eqjax.quant import numerics, policy as policy_lib
+from eqjax.algorithms import energy
 from experiments import common
 
 FLAGS = flags.FLAGS

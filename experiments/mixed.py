@@ -12,7 +12,7 @@ from one sweep on the calibration images, or from a one-pass estimate
 (--sensitivity_method=fisher|hessian), or --sensitivity_json from experiments.sensitivity.
 With an estimate, --separate_widths gives weights and activations their own widths per layer
 (W4A8 and the like), and --max_gbops, --max_weight_mb, --max_avg_weight_bits add budgets
-beside the energy; those allocations are solved exactly as a MILP (eqjax.allocation).
+beside the energy; those allocations are solved exactly as a MILP (eqjax.algorithms.allocation).
 Evaluates like experiments.ptq; writes WORKDIR/mixed/results.json and mixed.png.
 """
 
@@ -26,9 +26,11 @@ from typing import Any, Callable
 import numpy as np
 from absl import flags
 
-from eqjax import allocation as allocation_lib, energy, mixed_precision as mp, policy as policy_lib, ptq
-from eqjax import second_order, sensitivity
-from eqjax import reconstruction as reconstruction_lib
+from eqjax import ptq
+from eqjax.quant import policy as policy_lib
+from eqjax.algorithms import allocation as allocation_lib, energy, mixed_precision as mp
+from eqjax.algorithms import second_order, sensitivity
+from eqjax.algorithms import reconstruction as reconstruction_lib
 from experiments import common, workload as workload_lib
 
 FLAGS = flags.FLAGS

@@ -16,7 +16,7 @@ import json
 
 from absl import flags
 
-from eqjax.pareto import pareto_front
+from eqjax.algorithms.pareto import pareto_front
 from experiments import common
 
 FLAGS = flags.FLAGS

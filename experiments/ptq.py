@@ -31,8 +31,9 @@ from typing import Any, Callable
 
 from absl import flags
 
-from eqjax import policy as policy_lib, ptq
-from eqjax import reconstruction as reconstruction_lib
+from eqjax import ptq
+from eqjax.quant import policy as policy_lib
+from eqjax.algorithms import reconstruction as reconstruction_lib
 from experiments import common, workload as workload_lib
 
 FLAGS = flags.FLAGS

@@ -2,7 +2,7 @@
 
 For every bit width: the standard PTQ policy (absmax weights per channel, calibrated absmax
 activation clips, attention matmul operands quantized, first/last layer 8 bits), then the same
-policy with its block scales optimised by :func:`eqjax.ranking.ranking_ptq`. Both are evaluated
+policy with its block scales optimised by :func:`eqjax.algorithms.ranking.ranking_ptq`. Both are evaluated
 for top-1/top-5 and for how well they keep the full-precision model: the share of
 attention-score key pairs whose order is kept, and the Pearson correlation of the logits.
 
@@ -29,7 +29,8 @@ from typing import Any, Callable
 import numpy as np
 from absl import flags
 
-from eqjax import ptq, ranking
+from eqjax import ptq
+from eqjax.algorithms import ranking
 from eqjax.models import vit
 from experiments import common, workload as workload_lib
 
@@ -59,7 +60,7 @@ is_block = lambda module: isinstance(module, vit.Block)
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RankingRunConfig:
-    """Standard vs ranking-aware PTQ at each of ``bits`` (options as :func:`eqjax.ranking.ranking_ptq`)."""
+    """Standard vs ranking-aware PTQ at each of ``bits`` (options as :func:`eqjax.algorithms.ranking.ranking_ptq`)."""
 
     workload: workload_lib.WorkloadConfig
     ptq: ptq.PTQConfig  # estimators; bits come from ``bits``
@@ -132,7 +133,7 @@ class VitRun:
 
     def measure(self, state: ptq.QuantizedState, label: str, *, num_rows: int | None = 32) -> dict[str, float]:
         """top-1/top-5 of ``state`` on the evaluation images, and how far it keeps the FP model
-        (``kept_order``, ``logit_similarity``: :func:`eqjax.ranking.attention_agreement`)."""
+        (``kept_order``, ``logit_similarity``: :func:`eqjax.algorithms.ranking.attention_agreement`)."""
         measured = self.work.evaluate_quantized(state, label)
         agreement = ranking.attention_agreement(self.work.model, self.fp_variables, state.variables, state.policy,
                                                 self.agreement_images, num_rows=num_rows)

@@ -8,7 +8,7 @@
 inputs) at each of --bits, on the calibration images; scores: l2 (eq. 5), rel_l2, kl,
 top1_agreement, delta_loss. --method=fisher|hessian: one backward pass estimates every
 layer's loss increase at every width of weights and of activations separately
-(eqjax.second_order); its score is delta_loss (weights and inputs at the same width), and
+(eqjax.algorithms.second_order); its score is delta_loss (weights and inputs at the same width), and
 results.json also holds the weight and activation terms apart. Prints the 5 most sensitive
 and 5 most robust layers (Table 5) by --rank_metric at --rank_bits and writes
 WORKDIR/sensitivity/results.json and sensitivity.png (per-layer bars, Figure 3).
@@ -23,7 +23,8 @@ from typing import Any, Callable
 import numpy as np
 from absl import flags
 
-from eqjax import ptq, second_order, sensitivity
+from eqjax import ptq
+from eqjax.algorithms import second_order, sensitivity
 from experiments import common, workload as workload_lib
 
 FLAGS = flags.FLAGS

@@ -43,7 +43,8 @@ import orbax.checkpoint as ocp
 from absl import flags
 from jax.sharding import NamedSharding, PartitionSpec
 
-from eqjax import checkpoint, data, metrics, models, training
+from eqjax import checkpoint, data, models, training
+from eqjax.algorithms import metrics
 from experiments import common
 
 

@@ -32,7 +32,8 @@ from typing import Any, Callable
 
 from absl import flags
 
-from eqjax import ptq, ranking, reconstruction, vit_quant
+from eqjax import ptq
+from eqjax.algorithms import ranking, reconstruction, vit_quant
 from experiments import common, ranking as ranking_script, workload as workload_lib
 
 FLAGS = flags.FLAGS

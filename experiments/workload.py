@@ -17,7 +17,9 @@ from typing import Any, Callable
 import numpy as np
 from absl import flags
 
-from eqjax import calibration, data, energy, folding, metrics, models, numerics, ptq, reconstruction, second_order
+from eqjax import data, models, ptq
+from eqjax.quant import calibration, folding, numerics
+from eqjax.algorithms import energy, metrics, reconstruction, second_order
 from experiments import common
 
 FLAGS = flags.FLAGS

@@ -19,7 +19,9 @@ import pytest
 from PIL import Image
 
 import eqjax
-from eqjax import calibration, checkpoint, data, numerics, ptq, reconstruction
+from eqjax import checkpoint, data, ptq
+from eqjax.quant import calibration, numerics
+from eqjax.algorithms import reconstruction
 from tests.image_tar import write_image_tar
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

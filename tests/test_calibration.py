@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import eqjax
-from eqjax import calibration
+from eqjax.quant import calibration
 
 
 def _mse(x, bits, scale, axis=None):

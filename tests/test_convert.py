@@ -114,7 +114,8 @@ def test_foolbox_photos_are_classified_by_real_lite0():
 
 
 def test_shared_cifar10_checkpoint_reaches_its_recorded_accuracy(tmp_path):
-    from eqjax import data, metrics
+    from eqjax import data
+    from eqjax.algorithms import metrics
 
     weights = shared_data.path("weights", "resnet18_cifar10", "resnet18_cifar10.safetensors")
     test_tar = shared_data.path("cifar10", "test.tar")
@@ -141,7 +142,8 @@ def test_lite0_package_weights_reach_the_recorded_accuracy_on_the_shared_val_ima
     The figure is deterministic; the tolerance (0.2 point, 3 images) only absorbs float
     summation-order flips of near-tied logits on other CPUs, far inside the binomial noise of
     1,790 images (about 1 point), so a broken conversion or preprocessing fails."""
-    from eqjax import data, metrics
+    from eqjax import data
+    from eqjax.algorithms import metrics
 
     val = shared_data.path("imagenet", "val")
     variables = weights_convert.convert("efficientnet_lite0", _lite0_package_state_dict())

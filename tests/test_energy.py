@@ -8,8 +8,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from eqjax import energy, models, policy as policy_lib
-from eqjax.pareto import pareto_front
+from eqjax import models
+from eqjax.quant import policy as policy_lib
+from eqjax.algorithms import energy
+from eqjax.algorithms.pareto import pareto_front
 
 PAPER = energy.PRESETS["paper"]
 

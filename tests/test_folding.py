@@ -1,4 +1,4 @@
-"""BatchNorm folding and bias correction (eqjax.folding)."""
+"""BatchNorm folding and bias correction (eqjax.quant.folding)."""
 
 import flax.linen as nn
 import jax
@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eqjax import apply, folding, models, ptq
+from eqjax import models, ptq
+from eqjax.quant import apply, folding
 from tests.random_init import random_batch_norms
 
 TINY = dict(stage_sizes=(1, 1), widths=(8, 16))

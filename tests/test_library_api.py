@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 import eqjax
-from eqjax import intercept, metrics, policy as policy_lib, ptq
+from eqjax import ptq
+from eqjax.quant import intercept, policy as policy_lib
+from eqjax.algorithms import metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,7 +37,7 @@ def test_readme_quantize_your_own_model_runs(capsys):
     apply_fn, state = namespace["apply_fn"], namespace["state"]
     logits = apply_fn(state, images)
     assert not np.allclose(logits, model.apply(variables, images))
-    np.testing.assert_array_equal(logits, eqjax.apply.quantized_apply(model, variables, policy, images))
+    np.testing.assert_array_equal(logits, eqjax.quant.apply.quantized_apply(model, variables, policy, images))
 
 
 class TinyCNN(nn.Module):
@@ -82,11 +84,11 @@ def test_policy_entry_that_names_no_layer_is_an_error(tiny):
     # Under jit, where the policy is traced, the check happens while tracing.
     no_kernel = {**policy, "conv9": policy["conv2"]._replace(w_enabled=jnp.asarray(False))}
     with pytest.raises(ValueError, match="layers not in the model"):
-        jax.jit(lambda p: eqjax.apply.quantized_apply(model, variables, p, images))(no_kernel)
+        jax.jit(lambda p: eqjax.quant.apply.quantized_apply(model, variables, p, images))(no_kernel)
     partial = dict(policy)
     del partial["conv1"]
     with pytest.raises(ValueError, match=r"missing from the policy \(1\): conv1"):
-        eqjax.apply.quantized_apply(model, variables, partial, images)
+        eqjax.quant.apply.quantized_apply(model, variables, partial, images)
 
 
 def test_uncalibrated_policy_and_empty_batches_are_errors(tiny):

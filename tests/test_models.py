@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eqjax import intercept, models
+from eqjax import models
+from eqjax.quant import intercept
 
 
 def test_unknown_model_lists_known_ones():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import eqjax
-from eqjax import numerics
+from eqjax.quant import numerics
 
 
 def test_eq4_scale_and_grid_by_hand():

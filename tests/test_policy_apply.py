@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 import eqjax
-from eqjax import apply, intercept, metrics, models, policy as policy_lib
+from eqjax import models
+from eqjax.quant import apply, intercept, policy as policy_lib
+from eqjax.algorithms import metrics
 from jax.sharding import NamedSharding, PartitionSpec
 from tests.random_init import random_batch_norms
 

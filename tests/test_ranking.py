@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eqjax import apply, models, policy as policy_lib, ranking
+from eqjax import models
+from eqjax.quant import apply, policy as policy_lib
+from eqjax.algorithms import ranking
 from eqjax.models import vit
 
 TINY_VIT = dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=2.0)
@@ -128,7 +130,7 @@ def test_search_grid_against_brute_force():
     over the whole grid; a coupled one ends where no single multiplier change improves."""
     import itertools
 
-    from eqjax import ranking_core
+    from eqjax.algorithms import ranking_core
 
     grid = (0.5, 0.8, 1.0, 1.25)
     init = {"w": {"a": jnp.zeros(2), "b": jnp.zeros(2)}, "a": {"a": jnp.float32(0.0)}}

@@ -6,8 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eqjax import apply, models, numerics, ptq, reconstruction
-from eqjax import reconstruction_core as core
+from eqjax import models, ptq
+from eqjax.quant import apply, numerics
+from eqjax.algorithms import reconstruction
+from eqjax.algorithms import reconstruction_core as core
 from eqjax.models import resnet
 
 TINY = dict(stage_sizes=(2,), widths=(8,))

@@ -1,5 +1,5 @@
-"""One-pass sensitivity (eqjax.second_order) against hand computations; W/A-separate allocation
-(eqjax.allocation) against brute force; their errors."""
+"""One-pass sensitivity (eqjax.algorithms.second_order) against hand computations; W/A-separate allocation
+(eqjax.algorithms.allocation) against brute force; their errors."""
 
 import itertools
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import eqjax
-from eqjax import allocation, energy, second_order
+from eqjax.algorithms import allocation, energy, second_order
 
 
 class TwoLayer(nn.Module):
@@ -92,7 +92,7 @@ def test_a_short_last_batch_is_padded_without_changing_the_estimate():
 
 
 def test_sharded_estimate_equals_one_device():
-    from eqjax.metrics import data_mesh, single_device_mesh
+    from eqjax.algorithms.metrics import data_mesh, single_device_mesh
 
     model, variables, policy, x, labels = _setup(num_images=16)
     assert data_mesh().devices.size > 1, "tests run with several CPU devices (conftest)"

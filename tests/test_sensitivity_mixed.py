@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eqjax import apply, energy, mixed_precision as mp, models, policy as policy_lib, sensitivity
+from eqjax import models
+from eqjax.quant import apply, policy as policy_lib
+from eqjax.algorithms import energy, mixed_precision as mp, sensitivity
 
 TINY = dict(stage_sizes=(1, 1), widths=(8, 16))
 

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 
 import eqjax
-from eqjax import apply, models, numerics, reconstruction, vit_quant
-from eqjax import policy as policy_lib
-from eqjax.policy import LOG, TWIN, UNIFORM
+from eqjax import models
+from eqjax.quant import apply, numerics
+from eqjax.algorithms import reconstruction, vit_quant
+from eqjax.quant import policy as policy_lib
+from eqjax.quant.policy import LOG, TWIN, UNIFORM
 
 TINY_VIT = dict(depth=2, embed_dim=32, num_heads=2)
 
@@ -163,7 +165,7 @@ def test_reparameterization_leaves_deit_tiny_fp32_logits_unchanged_and_equalizes
             seen["x"] = jnp.max(jnp.abs(args[0]).reshape(-1, args[0].shape[-1]), axis=0)
         return call(*args, **kwargs)
 
-    with eqjax.intercept.intercept_calls(record):
+    with eqjax.quant.intercept.intercept_calls(record):
         model.apply(new, images)
     np.testing.assert_allclose(seen["x"], np.full(seen["x"].shape, float(jnp.mean(seen["x"]))), rtol=1e-4)
 

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from eqjax import intercept
+from eqjax.quant import intercept
 from eqjax.models import efficientnet, resnet, vit
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

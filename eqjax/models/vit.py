@@ -3,7 +3,7 @@
 Matches timm ``VisionTransformer`` with class token, learned position embedding,
 pre-norm blocks, LayerNorm eps 1e-6 and exact (erf) GELU; module paths equal timm
 names (``patch_embed.proj``, ``blocks.8.mlp.fc2``, ``head``). The attention matmuls
-QK^T and softmax·V run through :class:`eqjax.intercept.ActivationMatmul`
+QK^T and softmax·V run through :class:`eqjax.quant.intercept.ActivationMatmul`
 (``blocks.N.attn.qk_matmul`` / ``blocks.N.attn.av_matmul``) so quantization sees them.
 Inputs are NHWC.
 
@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from eqjax.intercept import ActivationMatmul
+from eqjax.quant.intercept import ActivationMatmul
 
 VARIANTS = {"tiny": dict(embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0),
             "small": dict(embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0)}

@@ -12,8 +12,8 @@ worst in a ViT:
   per-channel ranges folded into the LayerNorm affine and the next layer's weight rows, so
   that inference stays per-tensor and the FP32 function is unchanged.
 
-Kinds, bases and fine ranges are arrays in :class:`~eqjax.policy.LayerQuant`: one compiled
-forward serves every mix of them (see :func:`eqjax.apply.quantize_input`).
+Kinds, bases and fine ranges are arrays in :class:`~eqjax.quant.policy.LayerQuant`: one compiled
+forward serves every mix of them (see :func:`eqjax.quant.apply.quantize_input`).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eqjax import apply, intercept
-from eqjax.policy import QUANTIZER_KINDS, UNIFORM, LayerQuant, Policy
+from eqjax.quant import apply, intercept
+from eqjax.quant.policy import QUANTIZER_KINDS, UNIFORM, LayerQuant, Policy
 
 __all__ = ["SOFTMAX_LAYERS", "GELU_LAYERS", "LOG_BASES", "FINE_RATIOS", "matching_layers", "with_quantizer",
            "search_quantizer", "LayerNormDense", "layernorm_dense_pairs", "reparameterize_layernorms"]

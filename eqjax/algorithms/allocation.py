@@ -25,8 +25,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from eqjax import energy as energy_lib
-from eqjax import numerics
+from eqjax.algorithms import energy as energy_lib
+from eqjax.quant import numerics
 
 BUDGET_KINDS = ("relative_energy", "gbops", "weight_mb", "avg_weight_bits")
 
@@ -104,7 +104,7 @@ def allocate(cost: Mapping[str, np.ndarray], counts: Sequence[energy_lib.LayerCo
 
     Args:
       cost: ``{layer: [len(w_bits), len(a_bits)] array}``, e.g. the estimated Δloss of
-        :mod:`eqjax.second_order` (weight term at b_w plus activation term at b_a).
+        :mod:`eqjax.algorithms.second_order` (weight term at b_w plus activation term at b_a).
       counts: ``energy.count_layers`` of the model.
       budgets: ``{kind: bound}`` for kinds in :data:`BUDGET_KINDS` (at least one).
       w_bits, a_bits: candidate widths of weights and of activations.

@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from eqjax import apply, intercept, numerics
-from eqjax.metrics import data_mesh
-from eqjax.policy import LayerQuant
+from eqjax.quant import apply, intercept, numerics
+from eqjax.algorithms.metrics import data_mesh
+from eqjax.quant.policy import LayerQuant
 
 METRICS = ("l2", "rel_l2", "kl", "top1_agreement", "delta_loss")
 

@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eqjax import intercept
-from eqjax.policy import LayerQuant
+from eqjax.quant import intercept
+from eqjax.quant.policy import LayerQuant
 
 __all__ = ["ConvBatchNorm", "conv_batchnorm_pairs", "fold_batchnorm", "bias_shifts", "correct_bias"]
 
@@ -171,7 +171,7 @@ def correct_bias(model: nn.Module, variables: Mapping, quantized_variables: Mapp
     Args:
       model, variables: the full-precision model.
       quantized_variables: the same variables with quantized kernels (e.g. from
-        :func:`eqjax.apply.quantize_weights` or reconstruction).
+        :func:`eqjax.quant.apply.quantize_weights` or reconstruction).
       policy: which layers have quantized weights (``w_enabled``).
       batches: calibration images ``[B, H, W, C]``.
       example: an input batch, for tracing the conv → BatchNorm pairs.

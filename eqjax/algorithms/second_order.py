@@ -37,9 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from eqjax import apply, intercept, numerics, policy as policy_lib, sensitivity
-from eqjax.metrics import data_mesh
-from eqjax.policy import LayerQuant, Policy
+from eqjax.quant import apply, intercept, numerics, policy as policy_lib
+from eqjax.algorithms import sensitivity
+from eqjax.algorithms.metrics import data_mesh
+from eqjax.quant.policy import LayerQuant, Policy
 
 METHODS = ("fisher", "hessian")
 

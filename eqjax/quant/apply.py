@@ -3,7 +3,7 @@
 * Weights: :func:`quantize_weights` fake-quantizes every policy layer's ``kernel`` per
   output channel (last axis: HWIO convs, [in, out] dense) as a pure map over params.
 * Activations: :func:`quantized_apply` intercepts each quantizable call (``nn.Conv``,
-  ``nn.Dense``, :class:`~eqjax.intercept.ActivationMatmul`) and fake-quantizes its
+  ``nn.Dense``, :class:`~eqjax.quant.intercept.ActivationMatmul`) and fake-quantizes its
   inputs per tensor with the policy's calibrated clip, signed or unsigned grid.
 * Calibration: :func:`collect_activation_stats` accumulates per-layer input statistics
   of the full-precision model over batches.
@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eqjax import calibration, intercept, numerics
-from eqjax.intercept import LayerCall
-from eqjax.policy import LOG, TWIN, LayerQuant
+from eqjax.quant import calibration, intercept, numerics
+from eqjax.quant.intercept import LayerCall
+from eqjax.quant.policy import LOG, TWIN, LayerQuant
 
 __all__ = ["batch_images", "check_weighted_layers", "quantize_weights", "quantize_input", "quantize_layer_inputs", "quantized_apply", "collect_activation_stats", "init_activation_stats"]
 
@@ -41,7 +41,7 @@ def quantize_weights(variables: Mapping, policy: Mapping[str, LayerQuant], *,
       policy: ``{name: LayerQuant}``; layers with ``w_enabled`` False are left as they are.
       method: weight scale estimator, ``absmax`` (eq. 4), ``percentile`` or ``mse``.
       scales: per-output-channel scales [out] for some layers (e.g. optimized by
-        :mod:`eqjax.ranking`); they replace the estimator and receive gradients (LSQ).
+        :mod:`eqjax.algorithms.ranking`); they replace the estimator and receive gradients (LSQ).
 
     Returns:
       Variables of the same structure (jit-compatible; bits may be traced).

@@ -1,11 +1,11 @@
 """Ranking-aware post-training quantization of Vision Transformers: the Flax glue.
 
-The losses are in :mod:`eqjax.ranking_core` (pure). Here the scales are optimised block by
+The losses are in :mod:`eqjax.algorithms.ranking_core` (pure). Here the scales are optimised block by
 block, in forward order, with the quantized outputs of the earlier (already optimised)
 blocks as inputs and the full-precision model's block outputs as targets: per-output-channel
 weight scales and per-tensor activation clips of every layer in the block (including the
 operands of the attention matmuls), log-parametrised, initialised from calibration (absmax),
-by Adam (optax) through the straight-through quantizers (:func:`eqjax.numerics.fake_quant`,
+by Adam (optax) through the straight-through quantizers (:func:`eqjax.quant.numerics.fake_quant`,
 LSQ gradients), or by the paper's alternating search over a grid of interval multipliers.
 """
 
@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from eqjax import apply, calibration, intercept
-from eqjax.policy import LayerQuant
-from eqjax.ranking_core import (SIMILARITIES, cosine_similarity, kept_order_fraction, pearson_correlation,
+from eqjax.quant import apply, calibration, intercept
+from eqjax.quant.policy import LayerQuant
+from eqjax.algorithms.ranking_core import (SIMILARITIES, cosine_similarity, kept_order_fraction, pearson_correlation,
                                 ranking_loss, ranking_objective, search_grid, similarity)
 
 __all__ = ["METHODS", "SCORES_SUFFIX", "Block", "RankingResult", "block_policy", "init_block_scales",
@@ -68,7 +68,8 @@ def init_block_scales(params: Mapping, policy: Mapping[str, LayerQuant]) -> dict
 
 def apply_scales(policy: Mapping[str, LayerQuant],
                  log_scales: Mapping[str, Mapping[str, jax.Array]]) -> tuple[dict, dict]:
-    """(policy with clips ``exp(log_a)``, weight scales ``exp(log_w)``) for :func:`eqjax.apply.quantize_weights`."""
+    """(policy with clips ``exp(log_a)``, weight scales ``exp(log_w)``) for
+    :func:`eqjax.quant.apply.quantize_weights`."""
     new_policy = {name: (lq._replace(a_clip=jnp.exp(log_scales["a"][name])) if name in log_scales["a"] else lq)
                   for name, lq in policy.items()}
     return new_policy, {name: jnp.exp(v) for name, v in log_scales["w"].items()}

@@ -19,8 +19,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from eqjax import energy as energy_lib
-from eqjax import numerics
+from eqjax.algorithms import energy as energy_lib
+from eqjax.quant import numerics
 
 STUDY_PERCENTILE_BITS = ((75.0, 8), (25.0, 6), (0.0, 4))
 

@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 import flax.linen as nn
 import jax
 
-from eqjax import intercept
+from eqjax.quant import intercept
 
 FP_BITS = 32
 

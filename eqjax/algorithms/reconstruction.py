@@ -8,8 +8,8 @@ units are already quantized and ``x_fp`` its full-precision input, minimise
     ||unit_q(x) − unit_fp(x_fp)||²  +  λ · Σ (1 − |2h(V) − 1|^β)
 
 over the rounding variables V of every weight in the unit (AdaRound, see
-:mod:`eqjax.reconstruction_core`) and, for BRECQ and QDrop, the log activation clips of every
-layer input in the unit (LSQ gradients through :func:`eqjax.numerics.fake_quant`), with Adam
+:mod:`eqjax.algorithms.reconstruction_core`) and, for BRECQ and QDrop, the log activation clips of every
+layer input in the unit (LSQ gradients through :func:`eqjax.quant.numerics.fake_quant`), with Adam
 (optax) on mini-batches of the calibration images. ``x`` is ``x_q`` (AdaRound, BRECQ) or,
 for QDrop, ``x_q`` with each element replaced by ``x_fp`` with probability ``p``; QDrop also
 drops the quantization of each activation inside the unit with probability ``p``.
@@ -38,9 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from eqjax import apply, calibration, intercept, numerics, policy as policy_lib, ranking
-from eqjax import reconstruction_core as core
-from eqjax.policy import LayerQuant, Policy
+from eqjax.quant import apply, calibration, intercept, numerics, policy as policy_lib
+from eqjax.algorithms import ranking
+from eqjax.algorithms import reconstruction_core as core
+from eqjax.quant.policy import LayerQuant, Policy
 
 METHODS = ("adaround", "brecq", "qdrop")
 

@@ -8,7 +8,7 @@ and their quantized counterparts Ô and Â, Liu et al. (eqs. 9-11) maximise
 
 where Γ is the Pearson correlation (or cosine similarity). Here the rank loss is the *mean*
 hinge over valid pairs (so γ does not depend on the sequence length) and we minimise
-``(1 − Γ) + γ·L_rank``. Arrays in, arrays out; :mod:`eqjax.ranking` applies this to a model.
+``(1 − Γ) + γ·L_rank``. Arrays in, arrays out; :mod:`eqjax.algorithms.ranking` applies this to a model.
 """
 
 from __future__ import annotations

@@ -16,9 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eqjax import calibration, numerics
-from eqjax import intercept
-from eqjax.intercept import LayerCall
+from eqjax.quant import calibration, intercept, numerics
+from eqjax.quant.intercept import LayerCall
 
 __all__ = ["LayerQuant", "Policy", "UNIFORM", "LOG", "TWIN", "QUANTIZER_KINDS", "build", "validate", "with_activation_clips", "bits_table",
            "set_bits", "is_calibrated", "uncalibrated_layers", "check_calibrated"]
@@ -37,8 +36,8 @@ class LayerQuant(NamedTuple):
       a_signed: bool [n] signed grid, or unsigned (0..2^b-1) for non-negative inputs.
       a_kind: None (every input on the uniform grid of eqs. 3-4, the default), or int32 [n]:
         the quantizer of each input, ``UNIFORM``, ``LOG`` (post-Softmax:
-        :func:`~eqjax.numerics.log_quantize_clipped`) or ``TWIN`` (post-GELU:
-        :func:`~eqjax.numerics.twin_quantize_clipped`); see :mod:`eqjax.vit_quant`. A layer
+        :func:`~eqjax.quant.numerics.log_quantize_clipped`) or ``TWIN`` (post-GELU:
+        :func:`~eqjax.quant.numerics.twin_quantize_clipped`); see :mod:`eqjax.algorithms.vit_quant`. A layer
         with kinds computes all three quantizers and selects by data, so changing kinds,
         bases or bits never recompiles; layers without pay for the uniform one only.
       a_log_base: None, or float32 [n] base of a ``LOG`` input (2 = log2; ignored otherwise).

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from eqjax import numerics
+from eqjax.quant import numerics
 
 METHODS = ("absmax", "percentile", "mse")
 

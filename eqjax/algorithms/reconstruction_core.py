@@ -18,7 +18,7 @@ round-to-nearest.
 QDrop (Wei et al., ICLR 2022): during reconstruction each activation element keeps its
 full-precision value with probability ``p`` instead of its quantized one; ``p = 0`` is BRECQ.
 
-Arrays in, arrays out; :mod:`eqjax.reconstruction` applies this to the blocks of a model.
+Arrays in, arrays out; :mod:`eqjax.algorithms.reconstruction` applies this to the blocks of a model.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from eqjax import numerics
+from eqjax.quant import numerics
 
 ZETA, GAMMA = 1.1, -0.1
 
