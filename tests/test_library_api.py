@@ -159,3 +159,17 @@ def test_set_bits_and_validate(tiny):
     assert eqjax.bits_table(mixed)["conv2"] == {"w": 4, "a": 6}
     with pytest.raises(ValueError, match="conv_2"):
         policy_lib.set_bits(policy, {"conv_2": 4})
+
+
+def test_modules_keep_their_short_names_after_the_grouping():
+    """User code written before eqjax/quant and eqjax/algorithms existed still imports, and gets
+    the same module objects (one copy of each jit cache and registry)."""
+    import importlib
+
+    for package, names in eqjax._GROUPED.items():
+        for name in names:
+            grouped = importlib.import_module(f"eqjax.{package}.{name}")
+            assert importlib.import_module(f"eqjax.{name}") is grouped
+            assert getattr(eqjax, name) is grouped
+    from eqjax import reconstruction, vit_quant  # noqa: F401  (the README's spelling)
+    assert not os.path.exists(os.path.join(ROOT, "eqjax", "numerics.py"))
