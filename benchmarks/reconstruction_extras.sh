@@ -5,7 +5,8 @@
 #                 reused with bias correction (not in the default PARTS: about 1.5 h on 2 cores)
 #   r18_bc        ResNet-18 W4A4 BRECQ state of reconstruction_measurements.sh + bias correction
 #   r18_mixed     ResNet-18 budgeted mixed precision (relative energy 0.13), without and with BRECQ
-#   r18_iters     ResNet-18 W4A4 BRECQ at 100 iterations per unit (300 is in reconstruction_measurements.sh)
+#   r18_iters     ResNet-18 W4A4 BRECQ at R18_ITERS iterations per unit (default "100 1000"; 300 is in
+#                 reconstruction_measurements.sh)
 #   r18_w2a4      ResNet-18 W2A4 round-to-nearest and BRECQ (300 iterations)
 #   r18_fisher    ResNet-18 W4A4 BRECQ with the Fisher-weighted output loss
 #   pareto        the accuracy-energy fronts with and without reconstruction
@@ -26,7 +27,11 @@ for part in ${PARTS:-lite0_bc r18_bc r18_mixed r18_iters r18_w2a4 r18_fisher par
       $PY -m experiments.mixed $R18 --strategy=budget --budget=0.13 --workdir=runs/r18c10_mixed_b013
       $PY -m experiments.mixed $R18 --strategy=budget --budget=0.13 $RECON --recon_iterations=300 \
         --sensitivity_json=runs/r18c10_mixed_b013/mixed/results.json --workdir=runs/r18c10_mixed_b013_brecq_300_b16 ;;
-    r18_iters) $PY -m experiments.ptq $R18 --bits=4 $RECON --recon_iterations=100 --workdir=runs/r18c10_w4a4_brecq_100_b16 ;;
+    r18_iters)
+      for iterations in ${R18_ITERS:-100 1000}; do
+        $PY -m experiments.ptq $R18 --bits=4 $RECON --recon_iterations=$iterations \
+          --workdir=runs/r18c10_w4a4_brecq_${iterations}_b16
+      done ;;
     r18_w2a4)
       $PY -m experiments.ptq $R18 --w_bits=2 --a_bits=4 --workdir=runs/r18c10_w2a4
       $PY -m experiments.ptq $R18 --w_bits=2 --a_bits=4 $RECON --recon_iterations=300 --workdir=runs/r18c10_w2a4_brecq_300_b16 ;;

@@ -52,14 +52,29 @@ def progress_logger(label: str, total: int | None = None, *, every_s: float = 10
     return report
 
 
+def default_compilation_cache() -> str:
+    """The scripts' persistent XLA compilation cache: ``$XDG_CACHE_HOME/eqjax/xla`` (default
+    ``~/.cache/eqjax/xla``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "eqjax", "xla")
+
+
 def run_main(main: Callable[[list[str]], Any]) -> None:
     """``app.run(main)`` with one error boundary: an expected error (bad flags, files, datasets,
     weights) prints ``error: <message>`` on one line to stderr and exits with status 2;
-    anything else keeps its traceback."""
+    anything else keeps its traceback.
+
+    The scripts compile the same programs on every run (a model under a policy, a sensitivity
+    sweep, a reconstruction step), so they keep JAX's persistent compilation cache in
+    :func:`default_compilation_cache` unless ``JAX_COMPILATION_CACHE_DIR`` names another folder
+    (``JAX_ENABLE_COMPILATION_CACHE=false`` turns it off). Compilations under JAX's 1 s
+    threshold are not stored."""
 
     def guarded(argv):
         if not app.FLAGS["verbosity"].present:
             logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+        if jax.config.jax_compilation_cache_dir is None:
+            jax.config.update("jax_compilation_cache_dir", default_compilation_cache())
         try:
             return main(argv)
         except EXPECTED_ERRORS as e:

