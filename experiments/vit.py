@@ -15,6 +15,9 @@ of the logits with FP32:
             --recon_ranking_weight > 0, plus the ranking-aware loss on each block's attention scores
   combined  reparam + log2 + twin + qdrop
 
+Methods compose with ``+`` (``twin+qdrop``, ``reparam+adalog+twin+qdrop``): at most one softmax
+quantizer (log2 or adalog) and one optimisation (ranking or qdrop) each.
+
     python -m experiments.vit --model=vit_tiny_cifar --weights=runs/weights/vit_tiny_cifar10 \\
         --dataset=tar:../shared/data/cifar10/test.tar --calib_dataset=tar:../shared/data/cifar10/train.tar
 
@@ -39,19 +42,48 @@ from experiments import common, ranking as ranking_script, workload as workload_
 FLAGS = flags.FLAGS
 
 METHODS = ("standard", "log2", "adalog", "twin", "reparam", "ranking", "qdrop", "combined")
-# What each method adds to the standard policy (the reparameterized model, softmax quantizer,
-# post-GELU quantizer, optimisation).
-RECIPES = {"standard": (False, None, False, None), "log2": (False, "log2", False, None),
-           "adalog": (False, "adalog", False, None), "twin": (False, None, True, None),
-           "reparam": (True, None, False, None), "ranking": (False, None, False, "ranking"),
-           "qdrop": (False, None, False, "qdrop"), "combined": (True, "log2", True, "qdrop")}
+COMBINED = "reparam+log2+twin+qdrop"
+SOFTMAX_QUANTIZERS = ("log2", "adalog")
+OPTIMISATIONS = ("ranking", "qdrop")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """What a method adds to the standard policy."""
+
+    reparam: bool = False  # RepQ-ViT's reparameterized model
+    softmax: str | None = None  # log2 | adalog grid for post-Softmax inputs
+    gelu: bool = False  # twin grid for post-GELU inputs
+    optimise: str | None = None  # ranking | qdrop
+
+
+def recipe(method: str) -> Recipe:
+    """The recipe of ``standard``, ``combined`` or ``+``-joined parts (``twin+qdrop``)."""
+    if method == "standard":
+        return Recipe()
+    parts = (COMBINED if method == "combined" else method).split("+")
+    atoms = [m for m in METHODS if m not in ("standard", "combined")]
+    unknown = [p for p in parts if p not in atoms]
+    if unknown:
+        raise ValueError(f"methods must be some of {', '.join(METHODS)}, or parts of {', '.join(atoms)} joined by "
+                         f"'+', got {method}" + (f" ({', '.join(unknown)} unknown)" if parts != unknown else ""))
+    if len(set(parts)) < len(parts):
+        raise ValueError(f"methods {method} names a part twice")
+    for group in (SOFTMAX_QUANTIZERS, OPTIMISATIONS):
+        if sum(p in group for p in parts) > 1:
+            raise ValueError(f"methods {method} combines {' and '.join(p for p in parts if p in group)}; "
+                             f"take at most one of {', '.join(group)}")
+    pick = lambda group: next((p for p in parts if p in group), None)
+    return Recipe(reparam="reparam" in parts, softmax=pick(SOFTMAX_QUANTIZERS), gelu="twin" in parts,
+                  optimise=pick(OPTIMISATIONS))
 
 
 def define_flags() -> None:
     """Defines this script's flags (when it runs as a program; importing it defines none)."""
     workload_lib.define_shared_flags()
     flags.DEFINE_list("bits", ["8", "6", "4"], "Bit widths (weights and activations), one group of rows each.")
-    flags.DEFINE_list("methods", list(METHODS), f"Methods, of: {', '.join(METHODS)}.")
+    flags.DEFINE_list("methods", list(METHODS), f"Methods, of: {', '.join(METHODS)}; or parts joined by '+' "
+                      "(twin+qdrop).")
     flags.DEFINE_integer("search_images", 64, "Calibration images for the log-base and twin-split searches.")
     flags.DEFINE_integer("recon_iterations", 500, "Adam steps per block (qdrop, combined).")
     flags.DEFINE_integer("recon_batch_size", 32, "Calibration images per reconstruction step.")
@@ -77,9 +109,10 @@ class VitRunConfig:
     workdir: str = "runs/default"
 
     def __post_init__(self):
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown or not self.methods:
-            raise ValueError(f"methods must be some of {', '.join(METHODS)}, got {', '.join(unknown) or 'none'}")
+        if not self.methods:
+            raise ValueError(f"methods must be some of {', '.join(METHODS)}, got none")
+        for method in self.methods:
+            recipe(method)
         for name in ("search_images", "ranking_steps", "agreement_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -140,7 +173,7 @@ def run(config: VitRunConfig, *, log: Callable[[str], None] = common.log) -> dic
                       for i in range(0, min(config.search_images, len(calib_images)), config.workload.batch_size)]
     fp_variables = vit_run.fp_variables
 
-    needs_reparam = any(RECIPES[m][0] for m in config.methods)
+    needs_reparam = any(recipe(m).reparam for m in config.methods)
     if needs_reparam:
         start = time.perf_counter()
         reparam_variables, ratios = vit_quant.reparameterize_layernorms(
@@ -160,7 +193,7 @@ def run(config: VitRunConfig, *, log: Callable[[str], None] = common.log) -> dic
     for bits in config.bits:
         bits_config = dataclasses.replace(config.ptq, w_bits=bits, a_bits=bits)
         for method in config.methods:
-            reparam, softmax, gelu, optimise = RECIPES[method]
+            reparam, softmax, gelu, optimise = dataclasses.astuple(recipe(method))
             variables = reparam_variables if reparam else fp_variables
             start = time.perf_counter()
             extra: dict[str, Any] = {}
@@ -211,9 +244,10 @@ def main(argv):
     del argv
     r = run(config_from_flags())
     print(f"{r['model']}: FP32 top-1 {r['fp32_top1']:.2f}% top-5 {r['fp32_top5']:.2f}% ({r['num_eval_images']} images)")
-    print(f"{'bits':>5} {'method':>9} {'top-1':>7} {'drop':>6} {'kept order':>11} {'logit corr':>11} {'time':>8}")
+    width = max(9, *(len(row["method"]) for row in r["rows"]))
+    print(f"{'bits':>5} {'method':>{width}} {'top-1':>7} {'drop':>6} {'kept order':>11} {'logit corr':>11} {'time':>8}")
     for row in r["rows"]:
-        print(f"{'W%dA%d' % (row['bits'], row['bits']):>5} {row['method']:>9} {row['top1']:7.2f} "
+        print(f"{'W%dA%d' % (row['bits'], row['bits']):>5} {row['method']:>{width}} {row['top1']:7.2f} "
               f"{r['fp32_top1'] - row['top1']:6.2f} {100 * row['kept_order']:10.2f}% {row['logit_similarity']:11.4f} "
               f"{row['seconds']:7.1f}s")
     print(f"-> {r['results_path']}")

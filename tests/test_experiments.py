@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -67,17 +68,32 @@ def test_ranking_end_to_end_on_a_vit(toy_tar, tmp_path):
 def test_vit_table_runs_each_method_and_reports_it(toy_tar, tmp_path):
     out = run("experiments.vit", "--model=vit_tiny_cifar", "--weights=random", f"--dataset=tar:{toy_tar}",
               f"--calib_dataset=tar:{toy_tar}", "--eval_images=8", "--calib_images=16", "--bits=4",
-              "--methods=twin,reparam", "--search_images=8", "--agreement_images=4",
+              "--methods=twin,reparam+twin", "--search_images=8", "--agreement_images=4",
               "--batch_size=8", f"--workdir={tmp_path}")
     with open(tmp_path / "vit" / "results.json") as f:
         results = json.load(f)
-    assert [r["method"] for r in results["rows"]] == ["twin", "reparam"]
-    assert len(results["rows"][0]["twin_fine_ratios"]) == 12
+    assert [r["method"] for r in results["rows"]] == ["twin", "reparam+twin"]
+    assert all(len(r["twin_fine_ratios"]) == 12 for r in results["rows"])
     assert all(0 < r["kept_order"] <= 1 and r["seconds"] >= 0 for r in results["rows"])
-    assert "W4A4   reparam" in out.stdout and (tmp_path / "vit" / "vit.png").exists()
+    assert "reparameterized 24 LayerNorms" in out.stderr
+    assert "W4A4 reparam+twin" in out.stdout and (tmp_path / "vit" / "vit.png").exists()
     bad = run("experiments.vit", "--model=vit_tiny_cifar", "--methods=standard,gptq", f"--workdir={tmp_path}",
               check=False)
     assert bad.returncode != 0 and "--methods must be some of standard, log2" in bad.stderr and "got gptq" in bad.stderr
+
+
+def test_vit_methods_compose_with_plus_and_bad_compositions_are_refused():
+    from experiments import vit as vit_script
+
+    assert vit_script.recipe("combined") == vit_script.recipe("qdrop+twin+log2+reparam") == vit_script.Recipe(
+        reparam=True, softmax="log2", gelu=True, optimise="qdrop")
+    assert vit_script.recipe("adalog+twin") == vit_script.Recipe(softmax="adalog", gelu=True)
+    for method, message in [("log2+adalog", "combines log2 and adalog; take at most one of log2, adalog"),
+                            ("twin+twin", "twin+twin names a part twice"),
+                            ("ranking+qdrop", "combines ranking and qdrop"),
+                            ("twin+gptq", "got twin+gptq (gptq unknown)"), ("standard+twin", "(standard unknown)")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            vit_script.recipe(method)
 
 
 @pytest.mark.parametrize("flag, message", [
