@@ -4,7 +4,8 @@
 # benchmarks.checkpoint_pieces join), all 10,000 CIFAR-10 test images; then DeiT-Tiny with random
 # weights at 224x224 (every method end to end, times per method). One run per bit width, so a
 # finished width keeps its results.json. Repo root; about 1 h per width on 2 CPU cores with all
-# 10,000 test images (EVAL_IMAGES; each evaluation takes about 2 min).
+# 10,000 test images (EVAL_IMAGES; each evaluation takes about 2 min). CALIB_METHOD=mse picks the
+# activation clips by MSE search instead of the study's absmax (the better setting at 4 and 6 bits).
 set -eu
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-runs/vit_table}
@@ -20,6 +21,7 @@ for part in $PARTS; do
     $PY -m experiments.vit --model=vit_tiny_cifar --weights=runs/weights/vit_tiny_cifar10 \
       --dataset=tar:../shared/data/cifar10/test.tar --calib_dataset=tar:../shared/data/cifar10/train.tar \
       --bits="$part" --batch_size=250 --eval_images="${EVAL_IMAGES:-10000}" --methods="${METHODS:-$ALL}" \
-      --recon_iterations="${RECON_ITERATIONS:-500}" --workdir="$OUT/w$part"
+      --recon_iterations="${RECON_ITERATIONS:-500}" --calib_method="${CALIB_METHOD:-absmax}" \
+      --workdir="$OUT/w$part${CALIB_METHOD:+_$CALIB_METHOD}"
   fi
 done
