@@ -43,6 +43,7 @@ FLAGS = flags.FLAGS
 
 METHODS = ("standard", "log2", "adalog", "twin", "reparam", "ranking", "qdrop", "combined")
 COMBINED = "reparam+log2+twin+qdrop"
+PARTS = tuple(m for m in METHODS if m not in ("standard", "combined"))  # what methods are made of
 SOFTMAX_QUANTIZERS = ("log2", "adalog")
 OPTIMISATIONS = ("ranking", "qdrop")
 
@@ -62,10 +63,9 @@ def recipe(method: str) -> Recipe:
     if method == "standard":
         return Recipe()
     parts = (COMBINED if method == "combined" else method).split("+")
-    atoms = [m for m in METHODS if m not in ("standard", "combined")]
-    unknown = [p for p in parts if p not in atoms]
+    unknown = [p for p in parts if p not in PARTS]
     if unknown:
-        raise ValueError(f"methods must be some of {', '.join(METHODS)}, or parts of {', '.join(atoms)} joined by "
+        raise ValueError(f"methods must be some of {', '.join(METHODS)}, or parts of {', '.join(PARTS)} joined by "
                          f"'+', got {method}" + (f" ({', '.join(unknown)} unknown)" if parts != unknown else ""))
     if len(set(parts)) < len(parts):
         raise ValueError(f"methods {method} names a part twice")
@@ -193,7 +193,9 @@ def run(config: VitRunConfig, *, log: Callable[[str], None] = common.log) -> dic
     for bits in config.bits:
         bits_config = dataclasses.replace(config.ptq, w_bits=bits, a_bits=bits)
         for method in config.methods:
-            reparam, softmax, gelu, optimise = dataclasses.astuple(recipe(method))
+            method_recipe = recipe(method)
+            reparam, softmax, gelu, optimise = (method_recipe.reparam, method_recipe.softmax, method_recipe.gelu,
+                                                method_recipe.optimise)
             variables = reparam_variables if reparam else fp_variables
             start = time.perf_counter()
             extra: dict[str, Any] = {}
