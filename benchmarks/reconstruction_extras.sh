@@ -9,12 +9,17 @@
 #                 reconstruction_measurements.sh)
 #   r18_w2a4      ResNet-18 W2A4 round-to-nearest and BRECQ (300 iterations)
 #   r18_fisher    ResNet-18 W4A4 BRECQ with the Fisher-weighted output loss
+#   lite0_mse     EfficientNet-Lite0 round-to-nearest with MSE weight scales and/or MSE activation clips,
+#                 with and without bias correction (W4A8, W4A4, W6A6)
+#   r18_mse       ResNet-18 W4A4 and W2A4 with MSE weight scales and clips, round-to-nearest and BRECQ
+#                 (300 iterations)
 #   pareto        the accuracy-energy fronts with and without reconstruction
 # Data as in reconstruction_measurements.sh; run from the repo root after it.
 set -eu
 . benchmarks/workloads.sh
 RECON="--reconstruct=brecq --recon_batch_size=16"
-for part in ${PARTS:-lite0_bc r18_bc r18_mixed r18_iters r18_w2a4 r18_fisher pareto}; do
+MSE="--weight_method=mse --calib_method=mse"
+for part in ${PARTS:-lite0_bc r18_bc r18_mixed r18_iters r18_w2a4 r18_fisher lite0_mse r18_mse pareto}; do
   case $part in
     lite0_bc) $PY -m experiments.ptq $LITE0 --bits=4 --bias_correction --workdir=runs/lite0_w4a4_bc ;;
     lite0_brecq)
@@ -37,6 +42,17 @@ for part in ${PARTS:-lite0_bc r18_bc r18_mixed r18_iters r18_w2a4 r18_fisher par
       $PY -m experiments.ptq $R18 --w_bits=2 --a_bits=4 $RECON --recon_iterations=300 --workdir=runs/r18c10_w2a4_brecq_300_b16 ;;
     r18_fisher) $PY -m experiments.ptq $R18 --bits=4 $RECON --recon_iterations=300 --recon_fisher \
                   --workdir=runs/r18c10_w4a4_brecq_300_b16_fisher ;;
+    lite0_mse)
+      $PY -m experiments.ptq $LITE0 --w_bits=4 --a_bits=8 --weight_method=mse --workdir=runs/lite0_w4a8_wmse
+      $PY -m experiments.ptq $LITE0 --w_bits=4 --a_bits=8 --weight_method=mse --bias_correction --workdir=runs/lite0_w4a8_wmse_bc
+      $PY -m experiments.ptq $LITE0 --bits=4 $MSE --bias_correction --workdir=runs/lite0_w4a4_mse_bc
+      $PY -m experiments.ptq $LITE0 --bits=6 $MSE --workdir=runs/lite0_w6a6_mse ;;
+    r18_mse)
+      $PY -m experiments.ptq $R18 --bits=4 $MSE --workdir=runs/r18c10_w4a4_mse
+      $PY -m experiments.ptq $R18 --bits=4 $MSE $RECON --recon_iterations=300 --workdir=runs/r18c10_w4a4_mse_brecq_300_b16
+      $PY -m experiments.ptq $R18 --w_bits=2 --a_bits=4 $MSE $RECON --recon_iterations=300 \
+        --workdir=runs/r18c10_w2a4_mse_brecq_300_b16
+      $PY -m experiments.ptq $R18 --w_bits=2 --a_bits=4 $MSE --workdir=runs/r18c10_w2a4_mse ;;
     pareto)
       $PY -m experiments.pareto --results='runs/r18c10_w*/ptq/results.json,runs/r18c10_mixed*/mixed/results.json' \
         --workdir=runs/pareto_r18

@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--calib_dataset", default="tar:../shared/data/cifar10/train.tar")
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--micro_batch", type=int, default=8)
+    parser.add_argument("--micro_batch", default="8", help="images per Fisher sample; a comma list times each")
     parser.add_argument("--methods", default="fisher,hessian")
     parser.add_argument("--loop", default="true", choices=["true", "false"])
     args = parser.parse_args()
@@ -65,15 +65,16 @@ def main() -> None:
     if t_loop:
         print(f"per-configuration loop: {t_loop:7.1f} s ({len(layers) * len(bits)} compilations)", flush=True)
     measured = {m: swept.scores[m][:, 0] for m in ("delta_loss", "kl")}
-    for method in args.methods.split(","):
+    runs = [(method, int(m)) for method in args.methods.split(",") for m in args.micro_batch.split(",")]
+    for method, micro_batch in runs:
         start = time.perf_counter()
         est = second_order.estimate(model, variables, policy, batches, layers=layers, bits=bits, method=method,
-                                    micro_batch=args.micro_batch)
+                                    micro_batch=micro_batch)
         t = time.perf_counter() - start
         ours = est.same_width_table()[:, 0]
         rho = {m: scipy_stats.spearmanr(ours, v).statistic for m, v in measured.items()}
         loop = f", {t_loop / t:5.1f}x faster than the loop" if t_loop else ""
-        print(f"{method:8s} one pass: {t:7.1f} s ({t_sweep / t:5.1f}x faster than the sweep{loop}); "
+        print(f"{method:8s} (micro-batch {micro_batch}) one pass: {t:7.1f} s ({t_sweep / t:5.1f}x faster than the sweep{loop}); "
               f"Spearman at 4 bits vs measured delta_loss {rho['delta_loss']:.3f}, vs KL {rho['kl']:.3f}; "
               f"weight share of the 4-bit estimate {np.sum(est.weight[:, 0]) / np.sum(ours):.2f}", flush=True)
 
