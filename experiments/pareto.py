@@ -45,8 +45,11 @@ def _label(result: dict, path: str) -> str:
             second_order = result.get("second_order") or {}
             strategy += f", {second_order.get('method') or 'sweep'} {result['energy']['relative']:.3f}"
         return f"mixed ({strategy}){suffix}"
-    name = f"W{result.get('w_bits')}A{result.get('a_bits')} {result.get('config', {}).get('calib_method', '')}"
-    return name.strip() + suffix
+    config = result.get("config", {})
+    name = f"W{result.get('w_bits')}A{result.get('a_bits')} {config.get('calib_method', '')}".strip()
+    if config.get("weight_method", "absmax") != "absmax":
+        name += f", {config['weight_method']} weights"
+    return name + suffix
 
 
 def load_points(patterns) -> list[dict]:

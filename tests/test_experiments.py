@@ -182,6 +182,16 @@ def test_pareto_cli(tmp_path):
     assert (tmp_path / "pareto" / "pareto.png").stat().st_size > 1000
 
 
+def test_pareto_labels_name_the_estimators_and_the_method():
+    from experiments import pareto
+
+    result = {"experiment": "ptq", "w_bits": 4, "a_bits": 8, "reconstruction": {"method": "brecq"},
+              "config": {"calib_method": "absmax", "weight_method": "mse", "bias_correction": True}}
+    assert pareto._label(result, "") == "W4A8 absmax, mse weights + brecq + bias corr."
+    result["config"]["weight_method"] = "absmax"
+    assert pareto._label(result, "") == "W4A8 absmax + brecq + bias corr."
+
+
 def test_sensitivity_then_mixed_budget_cli(toy_tar, tmp_path):
     common = ["--model=resnet18_cifar", "--weights=random", f"--dataset=tar:{toy_tar}",
               f"--calib_dataset=tar:{toy_tar}", "--eval_images=12", "--calib_images=8", "--batch_size=8"]
