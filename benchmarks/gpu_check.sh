@@ -35,17 +35,8 @@ EOF
   exit 0
 fi
 
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-(nvidia-smi -L || true; $PY -c "import jax; print(jax.__version__, jax.devices())") 2>&1 | tee "$OUT/device.txt"
-
-step() {  # step NAME SECONDS COMMAND...: runs COMMAND under a time limit, log in OUT/NAME.log
-  local name=$1 limit=$2; shift 2
-  local start=$SECONDS
-  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
-  echo "== $name: exit $?, $((SECONDS - start)) s (limit $limit s)"
-  grep -E "img/s|first|top-1|top1|unit .*ETA|wall|error:" "$OUT/$name.log" | tail -40
-}
+STEP_LINES="img/s|first|top-1|top1|unit .*ETA|wall|error:"
+. benchmarks/device_steps.sh
 
 R18="--model=resnet18_cifar --weights=$DATA/resnet18_cifar10 --batch_size=1000
   --calib_dataset=tar:$DATA/cifar10_calib256.tar --dataset=tar:$DATA/test.tar"

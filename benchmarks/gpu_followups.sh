@@ -9,8 +9,8 @@
 #      the 64 MiB that travels (8 of them do, as a smoke evaluation), so the state is evaluated
 #      on the CPU machine with --recon_state
 #      (the state holds rounding, weight scales and clips; nothing is recomputed). If the step
-#      hits its limit, the per-unit partial state comes back instead and the same
-#      experiments.ptq command resumes it on the CPU machine.
+#      hits its limit, the per-unit partial state comes back instead: untarred into WORKDIR/ptq/
+#      of an experiments.ptq run with the same LITE0_FLAGS on the CPU machine, it is resumed.
 # Repo root. Needs DATA (default .device_lite0, git-ignored) prepared on the CPU machine with
 #   bash benchmarks/gpu_followups.sh prepare
 # On the device: OUT=$OUT bash benchmarks/gpu_followups.sh (carry .device_lite0). Back here, with the
@@ -53,16 +53,9 @@ if [ "${1:-}" = evaluate ]; then
   exit 0
 fi
 
-mkdir -p "$OUT" "$WORK"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-(nvidia-smi -L || true; $PY -c "import jax; print(jax.__version__, jax.devices())") 2>&1 | tee "$OUT/device.txt"
-
-step() {  # step NAME SECONDS COMMAND...: COMMAND under a time limit, its log in OUT/NAME.log
-  local name=$1 limit=$2; shift 2
-  local start=$SECONDS
-  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | grep -E "layers x|sweep|loop|one pass|unit |top-1|error" | tail -40
-  echo "== $name: exit ${PIPESTATUS[0]}, $((SECONDS - start)) s (limit $limit s)"
-}
+mkdir -p "$WORK"
+STEP_LINES="layers x|sweep|loop|one pass|unit |top-1|error"
+. benchmarks/device_steps.sh
 
 step so_r18 "${R18_LIMIT:-150}" $PY -m benchmarks.second_order_bench --model=resnet18_cifar --weights=random \
   --calib_dataset=tar:$DATA/cifar10_calib256.tar --images=256 --methods=fisher --micro_batch=8,64

@@ -28,28 +28,41 @@ from eqjax.algorithms import second_order
 from experiments import common
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_workload_flags(parser: argparse.ArgumentParser, *, images: int) -> None:
+    """The flags of :func:`load_workload` (model, weights, calibration images)."""
     parser.add_argument("--model", default="resnet18_cifar")
     parser.add_argument("--weights", default="runs/weights/resnet18_cifar10")
     parser.add_argument("--calib_dataset", default="tar:../shared/data/cifar10/train.tar")
-    parser.add_argument("--images", type=int, default=256)
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--micro_batch", default="8", help="images per Fisher sample; a comma list times each")
-    parser.add_argument("--methods", default="fisher,hessian")
-    parser.add_argument("--loop", default="true", choices=["true", "false"])
-    args = parser.parse_args()
-    bits = (4, 6, 8)
+    parser.add_argument("--images", type=int, default=images)
+
+
+def load_workload(args: argparse.Namespace, *, batch_size: int):
+    """``(model, variables, batches, policy, layers)``: the model of ``args``, ``args.images``
+    calibration images (seed 0) as ``(images, labels)`` NumPy batches, a W8A8 policy calibrated
+    on them (every layer, first and last included) and its layers with quantized weights."""
     spec = models.get(args.model)
     variables, num_classes, pre, _ = common.load_weights(args.model, args.weights)
     model = spec.build(num_classes=num_classes)
     source = data.open_dataset(args.calib_dataset)
     indices = data.calibration_indices(source, args.images, seed=0)
     batches = [(np.asarray(x), np.asarray(y)) for x, y in
-               data.iterate_batches(source, indices, pre, batch_size=args.batch_size)]
+               data.iterate_batches(source, indices, pre, batch_size=batch_size)]
     policy = eqjax.calibrate(model, variables, [x for x, _ in batches],
                              eqjax.PTQConfig(w_bits=8, a_bits=8, keep_first_last_bits=None))
     layers = [n for n, lq in policy.items() if bool(lq.w_enabled)]
+    return model, variables, batches, policy, layers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_workload_flags(parser, images=256)
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--micro_batch", default="8", help="images per Fisher sample; a comma list times each")
+    parser.add_argument("--methods", default="fisher,hessian")
+    parser.add_argument("--loop", default="true", choices=["true", "false"])
+    args = parser.parse_args()
+    bits = (4, 6, 8)
+    model, variables, batches, policy, layers = load_workload(args, batch_size=args.batch_size)
     print(f"{args.model}: {len(layers)} layers x {len(bits)} widths, {args.images} images, "
           f"device {jax.devices()[0].device_kind}", flush=True)
 

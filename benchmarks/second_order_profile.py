@@ -16,10 +16,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-import eqjax
-from eqjax import data, models
+from benchmarks import second_order_bench
 from eqjax.algorithms import second_order
-from experiments import common
 
 
 def _seconds(fn, *args) -> float:
@@ -38,21 +36,12 @@ def _cost(compiled) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="resnet18_cifar")
-    parser.add_argument("--weights", default="runs/weights/resnet18_cifar10")
-    parser.add_argument("--calib_dataset", default="tar:../shared/data/cifar10/train.tar")
-    parser.add_argument("--images", type=int, default=16)
+    second_order_bench.add_workload_flags(parser, images=16)
     parser.add_argument("--micro_batch", type=int, default=8)
     args = parser.parse_args()
-    spec = models.get(args.model)
-    variables, num_classes, pre, _ = common.load_weights(args.model, args.weights)
-    model = spec.build(num_classes=num_classes)
-    source = data.open_dataset(args.calib_dataset)
-    indices = data.calibration_indices(source, args.images, seed=0)
-    ((images, labels),) = [(jnp.asarray(x), jnp.asarray(y)) for x, y in
-                           data.iterate_batches(source, indices, pre, batch_size=args.images)]
-    policy = eqjax.calibrate(model, variables, [images], eqjax.PTQConfig(w_bits=8, a_bits=8, keep_first_last_bits=None))
-    layers = [n for n, lq in policy.items() if bool(lq.w_enabled)]
+    model, variables, ((images, labels),), policy, layers = second_order_bench.load_workload(
+        args, batch_size=args.images)
+    images, labels = jnp.asarray(images), jnp.asarray(labels)
     m = args.micro_batch
     print(f"{args.model}: {len(layers)} layers, {args.images} images, micro-batch {m}, "
           f"device {jax.devices()[0].device_kind}", flush=True)
