@@ -1,5 +1,6 @@
-"""Test configuration (set before JAX starts): strict numerics, several fake CPU devices, and one
-persistent compilation cache for the whole session.
+"""Test configuration (set before JAX starts): strict numerics, several fake CPU devices, the
+scripts' XLA:CPU defaults (``experiments.xla_cpu``), and one persistent compilation cache for the
+whole session.
 
 The tests build the same small models in many tests and in the CLI subprocesses they start;
 each new closure or process would compile the same XLA program again. A session-wide cache
@@ -15,6 +16,9 @@ import shutil
 import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from experiments import xla_cpu  # noqa: E402  (no JAX import; the scripts' XLA:CPU defaults)
+
+xla_cpu.apply_defaults()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="eqjax-tests-xla-cache-")

@@ -3,7 +3,8 @@
 Tensors (the study's eqs. 3-4, straight-through gradients; bits may be traced):
   ``quantize(x, bits, *, scale=None, axis=None, signed=True)``, ``quantize_int``, ``dequantize``.
 
-Any Flax model (``eqjax.ptq``; layers are named by their module path, timm names for ours):
+Any Flax model, Linen or NNX (``eqjax.ptq``; layers are named by their module or attribute path,
+timm names for ours; an NNX module is passed with ``variables=None``):
   ``PTQConfig(w_bits=4, a_bits=4)``            how to quantize (rules, estimators, first/last 8 bits)
   ``calibrate(model, variables, batches, config) -> policy``      activation clips from images
   ``quantize_model(model, variables, policy) -> (apply_fn, state)``   ``apply_fn(state, images)``
@@ -11,7 +12,7 @@ Any Flax model (``eqjax.ptq``; layers are named by their module path, timm names
   ``sweep(model, variables, policy, batches, ...)``                layer sensitivity (eq. 5)
 
 Packages, by layer (DESIGN): ``eqjax.quant`` (``numerics``, ``calibration``, ``policy``,
-``intercept``, ``apply``, ``folding``), ``eqjax.algorithms`` (``energy`` (eq. 7), ``sensitivity``,
+``layers``, ``intercept``, ``nnx_model``, ``apply``, ``folding``), ``eqjax.algorithms`` (``energy`` (eq. 7), ``sensitivity``,
 ``second_order``, ``mixed_precision`` (eq. 6, budgets), ``allocation``, ``ranking``,
 ``reconstruction``, ``vit_quant``, ``pareto``, ``metrics``), then ``ptq`` (the pipeline),
 ``models`` (ResNet-18, DeiT-Tiny, EfficientNet-Lite0 with timm names), ``data``, ``checkpoint``
@@ -35,7 +36,7 @@ from eqjax.ptq import quantize as quantize_model
 
 # The short names user code has always imported (``eqjax.numerics``, ``import eqjax.reconstruction``)
 # are the grouped modules themselves: one module object under two names, nothing copied.
-_GROUPED = {"quant": ("numerics", "calibration", "policy", "intercept", "apply", "folding"),
+_GROUPED = {"quant": ("numerics", "calibration", "policy", "layers", "intercept", "nnx_model", "apply", "folding"),
             "algorithms": ("energy", "sensitivity", "second_order", "mixed_precision", "allocation", "ranking",
                            "ranking_core", "reconstruction", "reconstruction_core", "vit_quant", "pareto", "metrics")}
 for _package, _names in _GROUPED.items():

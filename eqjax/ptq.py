@@ -16,6 +16,10 @@ The model-level pipeline in four calls; every argument is data, nothing reads fl
 A :class:`PTQConfig` says how: bits, the first/last-layer rule, regex rules, estimators.
 Progress goes to an optional ``on_progress`` callback. Errors name the argument at fault.
 
+Every function takes a Flax Linen model with its variables, or a Flax NNX module with
+``variables=None`` (its own state; :mod:`eqjax.quant.nnx_model`); layers are named by their
+module (Linen) or attribute (NNX) paths.
+
 Example (a small CNN defined here; any Flax linen model works):
   >>> import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
   >>> class CNN(nn.Module):
@@ -46,7 +50,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from eqjax.quant import apply, calibration, intercept, numerics, policy as policy_lib
+from eqjax.quant import apply, calibration, intercept, nnx_model, numerics, policy as policy_lib
 from eqjax.algorithms import metrics, sensitivity
 from eqjax.quant.intercept import LayerCall
 from eqjax.quant.policy import Policy
@@ -120,6 +124,7 @@ class QuantizedState:
 
 def layer_calls(model: nn.Module, example: Any, *, variables: Any = None) -> list[LayerCall]:
     """The quantizable layer calls of ``model`` on inputs shaped like ``example`` (no compute)."""
+    model, variables = nnx_model.as_functional(model, variables)
     example = jax.ShapeDtypeStruct(np.shape(example), getattr(example, "dtype", np.float32))
     return intercept.trace_layers(model, example, variables=variables)
 
@@ -172,6 +177,7 @@ def calibrate(model: nn.Module, variables: Any, batches: Iterable[Any], config: 
     Raises:
       ValueError: no calibration images; a policy or rule that does not match the model.
     """
+    model, variables = nnx_model.as_functional(model, variables)
     iterator = iter(batches)
     first = next(iterator, None)
     if first is None:
@@ -214,6 +220,7 @@ def quantize(model: nn.Module, variables: Any, policy: Policy, *, weight_method:
     Raises:
       ValueError: a policy that is not calibrated, or names a layer the model lacks.
     """
+    model, variables = nnx_model.as_functional(model, variables)
     policy_lib.check_calibrated(policy)
     apply.check_weighted_layers(variables, policy)  # here, not under the jit below
     qvars = _quantize_weights(variables, policy, method=weight_method, scales=weight_scales)
@@ -244,6 +251,7 @@ def sweep(model: nn.Module, variables: Any, policy: Policy, batches: Iterable[tu
     Returns:
       :class:`eqjax.algorithms.sensitivity.SensitivityResult`.
     """
+    model, variables = nnx_model.as_functional(model, variables)
     if layers is None:
         layers = [name for name, lq in policy.items() if bool(lq.w_enabled)]
     report = None if on_progress is None else (lambda n: on_progress({"images": n}))

@@ -17,16 +17,17 @@ from eqjax.algorithms import metrics
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def readme_example() -> str:
+def readme_example(index: int = 0) -> str:
+    """Python block ``index`` of the README's "Quantize your own Flax model" (0: Linen, 1: NNX)."""
     with open(os.path.join(ROOT, "README.md")) as f:
         text = f.read()
-    section = text.split("## Quantize your own Flax model", 1)[1]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    section = text.split("## Quantize your own Flax model", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.S)[index]
 
 
 def test_readme_quantize_your_own_model_runs(capsys):
     namespace = {}
-    exec(compile(readme_example(), "README.md", "exec"), namespace)
+    exec(compile(readme_example(0), "README.md", "exec"), namespace)
     result, policy = namespace["result"], namespace["policy"]
     assert result["num_images"] == 256 and 50.0 <= result["top1"] <= 100.0
     assert eqjax.bits_table(policy) == {"conv1": {"w": 8, "a": 8}, "conv2": {"w": 4, "a": 4},
@@ -38,6 +39,21 @@ def test_readme_quantize_your_own_model_runs(capsys):
     logits = apply_fn(state, images)
     assert not np.allclose(logits, model.apply(variables, images))
     np.testing.assert_array_equal(logits, eqjax.quant.apply.quantized_apply(model, variables, policy, images))
+
+
+def test_readme_quantize_your_own_nnx_model_runs(capsys):
+    from flax import nnx
+
+    namespace = {}
+    exec(compile(readme_example(1), "README.md", "exec"), namespace)
+    policy, quantized = namespace["policy"], namespace["quantized"]
+    assert list(policy) == ["patch", "attn.query", "attn.key", "attn.value", "attn.qk_matmul", "attn.av_matmul",
+                            "attn.out", "mlp", "head"]
+    assert eqjax.bits_table(policy)["attn.query"] == {"w": 4, "a": 4}
+    assert "NNX W4A4 agrees with FP32 on" in capsys.readouterr().out
+    assert isinstance(nnx.merge(*nnx.split(quantized)), nnx.Module)
+    images = namespace["images"][:8]
+    assert not np.allclose(quantized(images), namespace["net"](images))
 
 
 class TinyCNN(nn.Module):

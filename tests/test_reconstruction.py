@@ -62,7 +62,14 @@ def test_adaround_lowers_the_layer_output_error():
     qvars = reconstruction.quantized_variables(variables, result.policy, result.rounding, result.weight_scales)
     q = np.asarray(qvars["params"]["conv1"]["kernel"]) / result.weight_scales["conv1"]
     np.testing.assert_allclose(q, np.round(q), atol=1e-4)  # on the 3-bit grid
-    assert np.abs(q).max() <= 4
+    assert np.round(q).min() >= -4 and np.round(q).max() <= 3  # the signed 3-bit grid is [-4, 3]
+    # Rounding every weight up clamps at the grid's ends exactly (NumPy: clip(floor(w/s) + 1, -4, 3)).
+    ups = {n: np.ones_like(r) for n, r in result.rounding.items()}
+    all_up = reconstruction.quantized_variables(variables, result.policy, ups, result.weight_scales)
+    kernel, scale = np.asarray(variables["params"]["conv2"]["kernel"]), result.weight_scales["conv2"]
+    by_hand = np.clip(np.floor(kernel / scale) + 1, -4, 3) * scale
+    np.testing.assert_allclose(all_up["params"]["conv2"]["kernel"], by_hand, rtol=1e-6, atol=1e-7)
+    assert np.isclose(by_hand / scale, 3).any()  # the top of the grid is reached, and not passed
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +118,33 @@ def test_qdrop_with_p_zero_equals_brecq_and_units_compile_once(tiny_resnet):
     # Three unit architectures (conv1, the two equal blocks, fc); each traces its step and its
     # error function once, whatever the method, drop probability or bits.
     assert len(traces) == 6, len(traces)
+
+
+
+def _learned(result):
+    """The learned state of a reconstruction: roundings and clips, as one flat float64 vector."""
+    parts = [np.asarray(result.rounding[n], np.float64).ravel() for n in sorted(result.rounding)]
+    parts += [np.asarray(lq.a_clip, np.float64).ravel() for lq in result.policy.values()]
+    return np.concatenate(parts)
+
+
+def test_qdrop_drops_at_its_rate_and_fisher_weights_change_the_result(tiny_resnet):
+    """QDrop with p = 0.5 and the Fisher-weighted loss each change what BRECQ learns (same seed)."""
+    x, x_q = jnp.zeros((200_000,)), jnp.ones((200_000,))
+    kept_fp = float(jnp.mean(core.drop_quantization(jax.random.key(0), x, x_q, 0.5) == 0.0))
+    assert abs(kept_fp - 0.5) < 0.01  # binomial standard deviation 0.0011
+    assert bool(jnp.all(core.drop_quantization(jax.random.key(0), x, x_q, 0.0) == 1.0))
+    out, target, weight = (np.random.default_rng(i).normal(size=(4, 3, 5)).astype(np.float32) for i in range(3))
+    by_hand = np.mean(np.sum(np.abs(weight) * (out - target) ** 2, axis=-1))
+    assert float(core.reconstruction_error(out, target, np.abs(weight))) == pytest.approx(by_hand, rel=1e-5)
+
+    model, variables, images = tiny_resnet
+    policy = _policy(model, variables, images, 4)
+    run = lambda **kw: _learned(reconstruction.reconstruct(model, variables, policy, images, reconstruction.ReconstructionConfig(
+        iterations=4, batch_size=8, **kw), is_block=is_block))
+    brecq = run(method="brecq")
+    assert not np.array_equal(run(method="qdrop", drop_prob=0.5), brecq)
+    assert not np.array_equal(run(method="brecq", fisher=True), brecq)
 
 
 def test_saved_state_reloads_to_identical_logits(tiny_resnet, tmp_path):

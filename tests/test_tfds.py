@@ -31,6 +31,15 @@ def test_tfds_source_reads_images_and_labels(tfds_dir, monkeypatch):
     assert len(source) == 16 and sorted(source.labels.tolist()) == sorted([i % 4 for i in range(16)])
     image = source.load(0)
     assert image.size == (32, 32) and np.asarray(image.convert("RGB")).dtype == np.uint8
+    # Every record's pixels are one generated image, each image once, with its own label.
+    generated = [(img.tobytes(), label) for img, label in tfds_builder.examples("test")]
+    matched = []
+    for i in range(len(source)):
+        pixels = np.asarray(source.load(i).convert("RGB")).tobytes()
+        (j,) = [k for k, (img, _) in enumerate(generated) if img == pixels]
+        assert int(source.labels[i]) == generated[j][1]
+        matched.append(j)
+    assert sorted(matched) == list(range(16))
     assert "tensorflow" not in sys.modules  # reading needs no TensorFlow
     with pytest.raises(FileNotFoundError, match="is not prepared in .*Prepare it once"):
         data.open_dataset("tfds:not_a_prepared_dataset:test")

@@ -1,5 +1,7 @@
 """ViT quantizers: log and twin-uniform grids, RepQ reparameterization, searches, one compilation."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -133,6 +135,24 @@ def test_search_picks_the_candidate_with_the_smallest_layer_output_error(tiny_vi
         best = min(errors[name], key=errors[name].get)
         assert float(searched[name].a_log_base[0]) == pytest.approx(float(best), rel=1e-5)
         assert len(set(errors[name].values())) == 3  # the candidates differ
+    # The objective recomputed here: the error of the layer's *output* (softmax·V), not of its input.
+    name = softmax[0]
+    captured = {}
+
+    def capture(layer, module, call, args, kwargs):
+        if layer == name:
+            captured.update(args=args, equation=module.equation)
+        return call(*args, **kwargs)
+
+    with eqjax.quant.intercept.intercept_calls(capture):
+        model.apply(variables, images)
+    probs, values = (np.asarray(a, np.float64) for a in captured["args"])
+    reference = np.einsum(captured["equation"], probs, values)
+    for base in (2.0, 2 ** 0.5, 1.1):
+        lq = vit_quant.with_quantizer(policy, [name], "log", log_base=base)[name]
+        quantized = np.asarray(apply.quantize_input(lq, 0, captured["args"][0]), np.float64)
+        by_hand = np.sum((np.einsum(captured["equation"], quantized, values) - reference) ** 2)
+        assert errors[name][f"{base:.6g}"] == pytest.approx(by_hand, rel=1e-3)
     gelu = vit_quant.matching_layers(policy, vit_quant.GELU_LAYERS)
     searched, errors = vit_quant.search_quantizer(model, variables, policy, [images], gelu, "twin")
     assert set(errors[gelu[0]]) == {f"{r:.6g}" for r in vit_quant.FINE_RATIOS}
@@ -182,6 +202,11 @@ def test_reconstruction_with_the_ranking_term_learns_clips_of_log_and_twin_polic
     fc2 = result.policy["blocks.0.mlp.fc2"]
     assert fc2.a_kind.tolist() == [TWIN] and np.isfinite(np.asarray(fc2.a_clip)).all()
     assert float(fc2.a_clip[0]) != float(policy["blocks.0.mlp.fc2"].a_clip[0])  # learned
+    # The ranking term is in the objective: without it the same run learns other clips.
+    plain = reconstruction.reconstruct(model, variables, policy, np.asarray(images),
+                                       dataclasses.replace(config, ranking_weight=0.0), is_block=spec.is_block)
+    clips = lambda r: np.concatenate([np.asarray(r.policy[n].a_clip).ravel() for n in sorted(r.policy)])
+    assert not np.array_equal(clips(result), clips(plain))
 
 
 def test_ranking_term_settings_are_checked():

@@ -32,10 +32,15 @@ class EqjaxTinyImages(tfds.core.GeneratorBasedBuilder):
         return {split: self._generate_examples(split, n) for split, n in SPLITS.items()}
 
     def _generate_examples(self, split, num):
-        rng = np.random.default_rng(len(split))
-        for i in range(num):
-            yield f"{split}_{i}", {"image": rng.integers(0, 255, (32, 32, 3), dtype=np.uint8),
-                                   "label": i % NUM_CLASSES, "file_name": f"{split}_{i:04d}.png"}
+        for i, (image, label) in enumerate(examples(split)):
+            yield f"{split}_{i}", {"image": image, "label": label, "file_name": f"{split}_{i:04d}.png"}
+
+
+def examples(split: str) -> list[tuple[np.ndarray, int]]:
+    """The (image uint8 [32, 32, 3], label) pairs of ``split``, in generation order (TFDS stores
+    them shuffled)."""
+    rng = np.random.default_rng(len(split))
+    return [(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8), i % NUM_CLASSES) for i in range(SPLITS[split])]
 
 
 def prepare(data_dir: str) -> None:

@@ -7,7 +7,9 @@ what the study's code leaves out: the token dimension of linear layers and the
 attention matmuls QK^T and softmax·V (both operands activations). Per layer l:
 
 * MACs: conv ``prod(output) * kh * kw * c_in / groups``; dense ``prod(output) * d_in``
-  (every token); matmul ``prod`` of all einsum index sizes.
+  (every token; ``DenseGeneral`` / ``Einsum``: every contracted kernel dimension); transposed
+  conv ``prod(input[:-1]) * prod(kernel)``; matmul ``prod`` of all einsum index sizes
+  (:mod:`eqjax.quant.layers`).
 * memory (bits moved to or from DRAM), each term a switch of :class:`EnergyModel`:
   weights read once per batch (kernel at ``b_w``, bias at 32 bits); inputs read at
   ``b_a``; outputs written at ``b_a`` (requantized on write). Full-precision layers use
@@ -28,7 +30,7 @@ from typing import Any, Mapping, Sequence
 import flax.linen as nn
 import jax
 
-from eqjax.quant import intercept
+from eqjax.quant import intercept, nnx_model
 
 FP_BITS = 32
 
@@ -42,7 +44,7 @@ class LayerCount:
 
     Attributes:
       name: timm layer name.
-      kind: ``conv``, ``dense`` or ``matmul``.
+      kind: ``conv``, ``conv_transpose``, ``dense``, ``einsum`` or ``matmul``.
       macs: multiply-accumulates.
       weight_elements: kernel elements (0 for a matmul).
       bias_elements: bias elements.
@@ -59,26 +61,14 @@ class LayerCount:
     output_elements: int
 
 
-def _einsum_macs(equation: str, shapes: Sequence[tuple[int, ...]]) -> int:
-    inputs = equation.split("->")[0].split(",")
-    sizes = {}
-    for letters, shape in zip(inputs, shapes):
-        sizes.update(zip(letters, shape))
-    return math.prod(sizes.values())
-
-
-def _macs(call: intercept.LayerCall) -> int:
-    if call.kind == "matmul":
-        return _einsum_macs(call.equation, call.input_shapes)
-    # conv: kernel [kh, kw, c_in/groups, c_out]; dense: kernel [d_in, d_out]
-    return math.prod(call.output_shape) * math.prod(call.kernel_shape[:-1])
-
-
 def count_layers(model: nn.Module, inputs: Any, *, variables: Any = None) -> list[LayerCount]:
     """Per-layer counts of ``model`` on ``inputs`` ([batch, ...] array or ShapeDtypeStruct).
 
-    Weights are counted by walking the (abstract) params pytree of each layer.
+    Weights are counted by walking the (abstract) params pytree of each layer. ``model`` is a
+    Linen module, or an NNX module with ``variables=None``. Matrix products outside every
+    quantizable layer are not counted, with a warning (``intercept.UnattributedOpWarning``).
     """
+    model, variables = nnx_model.as_functional(model, variables)
     calls = intercept.trace_layers(model, inputs, variables=variables)
     if variables is None:
         variables = jax.eval_shape(model.init, jax.random.key(0), inputs)
@@ -90,7 +80,7 @@ def count_layers(model: nn.Module, inputs: Any, *, variables: Any = None) -> lis
             node = intercept.module_variables(params, call.name, collection=None)
             weights = math.prod(node["kernel"].shape)
             bias = math.prod(node["bias"].shape) if "bias" in node else 0
-        count = LayerCount(call.name, call.kind, _macs(call), weights, bias,
+        count = LayerCount(call.name, call.kind, call.macs, weights, bias,
                            sum(math.prod(s) for s in call.input_shapes), math.prod(call.output_shape))
         if call.name in counts:  # a module called twice: add its compute, weights once
             prev = counts[call.name]
@@ -204,7 +194,9 @@ def energy_report(counts: Sequence[LayerCount], bits: Bits | None, model: Energy
 
     Returns:
       ``{'model', 'unit', 'total', 'mac', 'memory', 'mac_share', 'memory_share',
-      'relative', 'fp32_total', 'macs', 'weight_elements', 'per_layer': [...]}``.
+      'relative', 'fp32_total', 'macs', 'weight_elements', 'operations', 'per_layer': [...]}``;
+      ``operations`` says what was counted: ``{kind: number of layers}`` (``conv``, ``dense``,
+      ``matmul``, ...). Products outside every layer are not in it (``count_layers`` warns).
     """
     if bits is not None:
         intercept.check_layer_names(bits, [c.name for c in counts], prefix="bits do not match the model",
@@ -224,7 +216,9 @@ def energy_report(counts: Sequence[LayerCount], bits: Bits | None, model: Energy
     return {"model": model.name, "unit": model.unit, "total": total, "mac": mac, "memory": memory,
             "mac_share": mac / total, "memory_share": memory / total, "relative": total / fp32_total,
             "fp32_total": fp32_total, "macs": sum(c.macs for c in counts),
-            "weight_elements": sum(c.weight_elements for c in counts), "per_layer": per_layer}
+            "weight_elements": sum(c.weight_elements for c in counts),
+            "operations": {kind: sum(c.kind == kind for c in counts) for kind in dict.fromkeys(c.kind for c in counts)},
+            "per_layer": per_layer}
 
 
 def relative_energy(counts: Sequence[LayerCount], bits: Bits, model: EnergyModel) -> float:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from eqjax.quant import apply, calibration, intercept
+from eqjax.quant import apply, intercept
 from eqjax.quant.policy import LayerQuant
 from eqjax.algorithms.ranking_core import (SIMILARITIES, cosine_similarity, kept_order_fraction, pearson_correlation,
                                 ranking_loss, ranking_objective, search_grid, similarity)
@@ -49,7 +49,7 @@ def block_policy(policy: Mapping[str, LayerQuant], path: str) -> dict[str, Layer
 
 
 def init_block_scales(params: Mapping, policy: Mapping[str, LayerQuant]) -> dict[str, dict[str, jax.Array]]:
-    """Log-scales from calibration: ``{'w': {layer: log absmax scale [out]}, 'a': {layer: log clip [inputs]}}``.
+    """Log-scales from calibration: ``{'w': {layer: log absmax scale [channels]}, 'a': {layer: log clip [inputs]}}``.
 
     ``params`` and ``policy`` are relative to the block. Disabled quantizers get no entry.
     """
@@ -57,7 +57,8 @@ def init_block_scales(params: Mapping, policy: Mapping[str, LayerQuant]) -> dict
     for name, lq in policy.items():
         node = intercept.module_variables(params, name, collection=None) or {}
         if "kernel" in node and bool(lq.w_enabled):
-            scale = calibration.estimate_scale(node["kernel"], lq.w_bits, method="absmax", axis=-1)
+            scale = apply.kernel_scale(node["kernel"], lq.w_bits, method="absmax",
+                                       axes=apply.channel_axes(lq, node["kernel"].ndim))
             log_w[name] = jnp.log(jnp.maximum(scale.astype(jnp.float32), 1e-12))  # all-zero channels
         if bool(lq.a_enabled) and lq.a_clip.shape[0]:
             if not bool(jnp.all(jnp.isfinite(lq.a_clip) & (lq.a_clip > 0))):

@@ -38,7 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from eqjax.quant import apply, calibration, intercept, numerics, policy as policy_lib
+from eqjax.quant import apply, calibration, intercept, nnx_model, numerics, policy as policy_lib
+from eqjax.quant.layers import is_weighted
 from eqjax.algorithms import ranking
 from eqjax.algorithms import reconstruction_core as core
 from eqjax.quant.policy import LayerQuant, Policy
@@ -121,7 +122,7 @@ class Unit:
     arguments it is called with, and the global names of its quantizable layers."""
 
     path: str
-    module: nn.Module
+    module: Any  # an unbound Linen module, or an NnxModel of the NNX submodule
     static_args: tuple
     layers: tuple[str, ...]
 
@@ -155,9 +156,11 @@ def find_units(model: nn.Module, example: Any, policy: Mapping[str, LayerQuant],
         inside_block = any(name.startswith(p + ".") for p, (_, _, block) in found.items() if block)
         if not inside_block and name not in found:
             block = select_block(name, module)
-            if block or (isinstance(module, intercept.WEIGHTED_TYPES) and name in policy):
+            if block or (is_weighted(module) and name in policy):
                 static = tuple(a for a in args[1:] if not hasattr(a, "shape"))  # e.g. train=False
-                found[name] = (module.clone(parent=None, name=None), static, block)
+                unbound = (model.submodel(name) if isinstance(model, nnx_model.NnxModel)
+                           else module.clone(parent=None, name=None))
+                found[name] = (unbound, static, block)
         return call(*args, **kwargs)
 
     example = jax.ShapeDtypeStruct(np.shape(example), getattr(example, "dtype", jnp.float32))
@@ -198,9 +201,9 @@ class ReconstructionResult:
     info: dict[str, Any]
 
 
-def _channel_scale(scale: jax.Array, kernel: jax.Array) -> jax.Array:
-    """A per-output-channel scale [out] shaped to broadcast against its kernel [..., out]."""
-    return jnp.reshape(scale, (1,) * (kernel.ndim - 1) + (-1,))
+def _channel_scale(scale: jax.Array, kernel: jax.Array, lq: LayerQuant) -> jax.Array:
+    """A flat per-output-channel scale shaped to broadcast against its kernel."""
+    return jnp.reshape(scale, apply.channel_shape(kernel.shape, apply.channel_axes(lq, kernel.ndim)))
 
 
 def _sub_variables(variables: Mapping, path: str) -> dict:
@@ -208,13 +211,14 @@ def _sub_variables(variables: Mapping, path: str) -> dict:
     return {c: v for c, v in found.items() if v is not None}
 
 
-def _kernels(sub_vars: Mapping, local_names: Sequence[str], scales, v, q_ranges, hard) -> dict:
+def _kernels(sub_vars: Mapping, policy: Mapping[str, LayerQuant], local_names: Sequence[str], scales, v,
+             q_ranges, hard) -> dict:
     """Unit variables with each weighted layer's kernel AdaRound-quantized."""
     out = dict(sub_vars)
     for name in local_names:
         kernel = intercept.module_variables(sub_vars, name)["kernel"]
         q_min, q_max = q_ranges[name]
-        quantized = core.adaround_weights(kernel, _channel_scale(scales[name], kernel), v[name], q_min, q_max,
+        quantized = core.adaround_weights(kernel, _channel_scale(scales[name], kernel, policy[name]), v[name], q_min, q_max,
                                           hard=hard)
         out = intercept.replace_module_variable(out, name, "kernel", quantized.astype(kernel.dtype))
     return out
@@ -226,7 +230,7 @@ def _unit_forward(unit_module, static_args, sub_vars, policy, state, scales, x, 
     if not quantize:
         return unit_module.apply(sub_vars, x, *static_args)
     q_ranges = {n: numerics.quant_range(policy[n].w_bits) for n in state["v"]}
-    variables = _kernels(sub_vars, list(state["v"]), scales, state["v"], q_ranges, hard)
+    variables = _kernels(sub_vars, policy, list(state["v"]), scales, state["v"], q_ranges, hard)
     keys = iter(jax.random.split(key, 4 * len(policy) + 1))
 
     def quantize_inputs(name, module, call, args, kwargs):
@@ -356,6 +360,7 @@ def fisher_weights(model: nn.Module, variables: Mapping, policy: Policy, images:
                    ) -> dict[str, np.ndarray]:
     """BRECQ's diagonal Fisher of each unit output: ``g²/mean(g²)`` [N, *output shape] with ``g``
     the gradient of KL(FP ‖ round-to-nearest model) w.r.t. the output of unit ``path``."""
+    model, variables = nnx_model.as_functional(model, variables)
     qvars = apply.quantize_weights(variables, policy, method=weight_method)
     gradient_fn = _output_gradient_function(model, tuple(paths))
     fp_logits = jax.jit(model.apply)
@@ -408,6 +413,7 @@ def reconstruct(model: nn.Module, variables: Mapping, policy: Policy, images: np
     Raises:
       ValueError: an uncalibrated policy, blocks that name no module, no images.
     """
+    model, variables = nnx_model.as_functional(model, variables)
     policy_lib.check_calibrated(policy)
     calibration._check_method(weight_method)
     images = np.asarray(images)
@@ -456,9 +462,10 @@ def reconstruct(model: nn.Module, variables: Mapping, policy: Policy, images: np
         local_policy = {unit.local(n): policy[n] for n in unit.layers}
         kernels = {unit.local(n): intercept.module_variables(variables, n)["kernel"] for n in unit.layers
                    if bool(policy[n].w_enabled)}
-        scales = {n: calibration.estimate_scale(k, local_policy[n].w_bits, method=weight_method, axis=-1)
+        scales = {n: apply.kernel_scale(k, local_policy[n].w_bits, method=weight_method,
+                                        axes=apply.channel_axes(local_policy[n], k.ndim))
                   for n, k in kernels.items()}
-        state = {"v": {n: core.init_rounding(k, _channel_scale(scales[n], k)) for n, k in kernels.items()},
+        state = {"v": {n: core.init_rounding(k, _channel_scale(scales[n], k, local_policy[n])) for n, k in kernels.items()},
                  "a": {n: jnp.log(lq.a_clip) for n, lq in local_policy.items()
                        if config.learns_clips and bool(lq.a_enabled)}}
         if not state["v"] and not state["a"]:
@@ -555,7 +562,7 @@ def quantized_variables(variables: Mapping, policy: Mapping[str, LayerQuant],
     out = dict(variables)
     for name, up in rounding.items():
         kernel = intercept.module_variables(variables, name)["kernel"]
-        scale = _channel_scale(jnp.asarray(weight_scales[name]), kernel)
+        scale = _channel_scale(jnp.asarray(weight_scales[name]), kernel, policy[name])
         q_min, q_max = (jnp.reshape(q, (1,) * kernel.ndim) for q in numerics.quant_range(policy[name].w_bits))
         base = jnp.floor(numerics._scaled(kernel.astype(jnp.float32), scale))
         quantized = jnp.clip(base + jnp.asarray(up, jnp.float32), q_min, q_max) * scale

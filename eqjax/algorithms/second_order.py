@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from eqjax.quant import apply, intercept, numerics, policy as policy_lib
+from eqjax.quant import apply, intercept, nnx_model, numerics, policy as policy_lib
 from eqjax.algorithms import sensitivity
 from eqjax.algorithms.metrics import data_mesh
 from eqjax.quant.policy import LayerQuant, Policy
@@ -270,6 +270,7 @@ def estimate(model: nn.Module, variables: Mapping, policy: Policy, batches: Iter
       ValueError: unknown method, bits outside [2, 16], a layer the model or policy lacks or
         calls twice, a policy without clips, no images, a batch not divisible by micro_batch.
     """
+    model, variables = nnx_model.as_functional(model, variables)
     if layers is None:
         layers = [n for n, lq in policy.items() if bool(lq.w_enabled) or bool(lq.a_enabled)]
     layers = tuple(layers)

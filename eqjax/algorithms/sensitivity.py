@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from eqjax.quant import apply, intercept, numerics
+from eqjax.quant import apply, intercept, nnx_model, numerics
 from eqjax.algorithms.metrics import data_mesh
 from eqjax.quant.policy import LayerQuant
 
@@ -192,6 +192,7 @@ def sweep_sensitivity(model: nn.Module, variables: Any, policy: Mapping[str, Lay
 
     Short batches are padded and the padding is masked out of every metric.
     """
+    model, variables = nnx_model.as_functional(model, variables)
     mesh = mesh or data_mesh()
     if chunk_size is None:
         chunk_size = 1 if jax.default_backend() == "cpu" else 8

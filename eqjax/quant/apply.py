@@ -1,10 +1,13 @@
-"""Run ANY Flax linen model under a quantization policy, without editing the model.
+"""Run ANY Flax model under a quantization policy, without editing the model (Linen; NNX through
+:mod:`eqjax.quant.nnx_model`).
 
 * Weights: :func:`quantize_weights` fake-quantizes every policy layer's ``kernel`` per
-  output channel (last axis: HWIO convs, [in, out] dense) as a pure map over params.
-* Activations: :func:`quantized_apply` intercepts each quantizable call (``nn.Conv``,
-  ``nn.Dense``, :class:`~eqjax.quant.intercept.ActivationMatmul`) and fake-quantizes its
-  inputs per tensor with the policy's calibrated clip, signed or unsigned grid.
+  output channel as a pure map over params: along the last axis (HWIO convs, [in, out]
+  dense), or along the axes of ``LayerQuant.w_channel_axes`` (``DenseGeneral`` features,
+  ``Einsum`` output letters; :func:`kernel_scale`).
+* Activations: :func:`quantized_apply` intercepts each quantizable call (the weighted
+  layers and attention matmuls of :mod:`eqjax.quant.layers`) and fake-quantizes its inputs
+  per tensor with the policy's calibrated clip, signed or unsigned grid.
 * Calibration: :func:`collect_activation_stats` accumulates per-layer input statistics
   of the full-precision model over batches.
 
@@ -24,12 +27,35 @@ from eqjax.quant import calibration, intercept, numerics
 from eqjax.quant.intercept import LayerCall
 from eqjax.quant.policy import LOG, TWIN, LayerQuant
 
-__all__ = ["batch_images", "check_weighted_layers", "quantize_weights", "quantize_input", "quantize_layer_inputs", "quantized_apply", "collect_activation_stats", "init_activation_stats"]
+__all__ = ["batch_images", "channel_axes", "channel_shape", "kernel_scale", "check_weighted_layers", "quantize_weights", "quantize_input", "quantize_layer_inputs", "quantized_apply", "collect_activation_stats", "init_activation_stats"]
 
 
 def batch_images(batch: Any) -> jax.Array:
     """The images of a batch given as ``images`` or ``(images, labels)``."""
     return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def channel_axes(lq: LayerQuant, kernel_ndim: int) -> tuple[int, ...]:
+    """The kernel axes of ``lq``'s output channels (the last axis unless ``w_channel_axes`` says)."""
+    return (kernel_ndim - 1,) if lq.w_channel_axes is None else lq.w_channel_axes.axes
+
+
+def channel_shape(kernel_shape: Sequence[int], axes: Sequence[int]) -> tuple[int, ...]:
+    """The shape that a flat per-channel scale [prod(kernel_shape[axes])] takes to broadcast against
+    the kernel: the kernel's sizes along ``axes``, 1 elsewhere."""
+    return tuple(size if axis in axes else 1 for axis, size in enumerate(kernel_shape))
+
+
+def kernel_scale(kernel: jax.Array, bits: Any, *, axes: Sequence[int], method: str = "absmax") -> jax.Array:
+    """Per-output-channel weight scales (eq. 4 for ``absmax``) of ``kernel``, flat [prod(kernel.shape[axes])]
+    in row-major order of ``axes``; reshape with :func:`channel_shape` to broadcast."""
+    axes = tuple(axes)
+    if axes == (kernel.ndim - 1,):
+        return calibration.estimate_scale(kernel, bits, method=method, axis=-1)
+    others = [a for a in range(kernel.ndim) if a not in axes]
+    channels = int(np.prod([kernel.shape[a] for a in axes]))
+    flat = jnp.transpose(kernel, others + list(axes)).reshape(-1, channels)
+    return calibration.estimate_scale(flat, bits, method=method, axis=-1)
 
 
 def quantize_weights(variables: Mapping, policy: Mapping[str, LayerQuant], *,
@@ -40,8 +66,9 @@ def quantize_weights(variables: Mapping, policy: Mapping[str, LayerQuant], *,
       variables: ``{'params': ..., ...}`` whose module paths are the policy's names.
       policy: ``{name: LayerQuant}``; layers with ``w_enabled`` False are left as they are.
       method: weight scale estimator, ``absmax`` (eq. 4), ``percentile`` or ``mse``.
-      scales: per-output-channel scales [out] for some layers (e.g. optimized by
-        :mod:`eqjax.algorithms.ranking`); they replace the estimator and receive gradients (LSQ).
+      scales: per-output-channel scales (flat, as :func:`kernel_scale` gives) for some layers
+        (e.g. optimized by :mod:`eqjax.algorithms.ranking`); they replace the estimator and
+        receive gradients (LSQ).
 
     Returns:
       Variables of the same structure (jit-compatible; bits may be traced).
@@ -62,14 +89,13 @@ def quantize_weights(variables: Mapping, policy: Mapping[str, LayerQuant], *,
         if module is None or "kernel" not in module:
             continue  # a parameter-free layer (attention matmul): its w_enabled is False
         kernel = module["kernel"]
+        axes = channel_axes(lq, kernel.ndim)
         if name in scales:
             scale = jnp.asarray(scales[name], jnp.float32)
         else:
-            scale = jax.lax.stop_gradient(
-                calibration.estimate_scale(kernel, lq.w_bits, method=method, axis=-1))
+            scale = jax.lax.stop_gradient(kernel_scale(kernel, lq.w_bits, axes=axes, method=method))
         q_min, q_max = numerics.quant_range(lq.w_bits, dtype=jnp.float32)
-        shape = (1,) * (kernel.ndim - 1) + (-1,)
-        quantized = numerics.fake_quant(kernel.astype(jnp.float32), scale.reshape(shape),
+        quantized = numerics.fake_quant(kernel.astype(jnp.float32), scale.reshape(channel_shape(kernel.shape, axes)),
                                         q_min.reshape((1,) * kernel.ndim),
                                         q_max.reshape((1,) * kernel.ndim)).astype(kernel.dtype)
         out = intercept.replace_module_variable(out, name, "kernel", jnp.where(lq.w_enabled, quantized, kernel))

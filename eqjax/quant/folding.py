@@ -32,6 +32,9 @@ import numpy as np
 from eqjax.quant import intercept
 from eqjax.quant.policy import LayerQuant
 
+# Layers a BatchNorm folds into: the kernel's last axis is its output channel.
+FOLDABLE_TYPES = (nn.Conv, nn.Dense)
+
 __all__ = ["ConvBatchNorm", "conv_batchnorm_pairs", "fold_batchnorm", "bias_shifts", "correct_bias"]
 
 
@@ -58,12 +61,12 @@ def conv_batchnorm_pairs(model: nn.Module, example: Any) -> list[ConvBatchNorm]:
             source = outputs.get(id(args[0]))
             if source is not None and source[1] is args[0]:
                 pairs.append(ConvBatchNorm(source[0], name, float(module.epsilon)))
-        elif isinstance(module, intercept.WEIGHTED_TYPES):
+        elif isinstance(module, FOLDABLE_TYPES):
             outputs[id(out)] = (name, out)
         return out
 
     example = jax.ShapeDtypeStruct(np.shape(example), getattr(example, "dtype", jnp.float32))
-    with intercept.intercept_calls(record, select=lambda m: isinstance(m, intercept.WEIGHTED_TYPES + (nn.BatchNorm,))):
+    with intercept.intercept_calls(record, select=lambda m: isinstance(m, FOLDABLE_TYPES + (nn.BatchNorm,))):
         jax.eval_shape(lambda x: model.init(jax.random.key(0), x), example)
     return list(dict.fromkeys(pairs))
 

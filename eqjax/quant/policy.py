@@ -9,6 +9,7 @@ wins, as in qwix / big_vision).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
@@ -19,8 +20,22 @@ import numpy as np
 from eqjax.quant import calibration, intercept, numerics
 from eqjax.quant.intercept import LayerCall
 
-__all__ = ["LayerQuant", "Policy", "UNIFORM", "LOG", "TWIN", "QUANTIZER_KINDS", "build", "validate", "with_activation_clips", "bits_table",
+__all__ = ["LayerQuant", "ChannelAxes", "Policy", "UNIFORM", "LOG", "TWIN", "QUANTIZER_KINDS", "build", "validate", "with_activation_clips", "bits_table",
            "set_bits", "is_calibrated", "uncalibrated_layers", "check_calibrated"]
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class ChannelAxes:
+    """The kernel axes of a layer's output channels, as static structure (no leaves).
+
+    ``LayerQuant.w_channel_axes`` holds one for kernels whose output channels are not just
+    the last axis (``DenseGeneral`` with several features, ``Einsum``, a ``ConvTranspose``
+    with ``transpose_kernel``): one weight scale per index along ``axes``. It lives in the
+    pytree's structure, so bits and scales stay data and ``vmap`` over stacked policies works.
+    """
+
+    axes: tuple[int, ...]
 
 
 class LayerQuant(NamedTuple):
@@ -43,6 +58,8 @@ class LayerQuant(NamedTuple):
       a_log_base: None, or float32 [n] base of a ``LOG`` input (2 = log2; ignored otherwise).
       a_fine_ratio: None, or float32 [n] end of the fine range of a ``TWIN`` input, as a fraction
         of ``a_clip`` (so a learned clip moves both ranges).
+      w_channel_axes: None (one weight scale per index of the kernel's last axis), or the
+        :class:`ChannelAxes` of a kernel whose output channels span other axes.
     """
 
     w_bits: jax.Array
@@ -54,6 +71,7 @@ class LayerQuant(NamedTuple):
     a_kind: jax.Array | None = None
     a_log_base: jax.Array | None = None
     a_fine_ratio: jax.Array | None = None
+    w_channel_axes: ChannelAxes | None = None
 
 
 # Values of LayerQuant.a_kind.
@@ -71,10 +89,18 @@ def _pair(bits: Any, what: str) -> tuple[int, int]:
     return int(w), int(a)
 
 
-def _layer(w_bits: int, a_bits: int, num_inputs: int, weighted: bool, enabled: bool = True) -> LayerQuant:
+def _channel_axes(call: LayerCall) -> ChannelAxes | None:
+    """The call's kernel output axes when they are not the last axis alone (else None)."""
+    if call.kernel_out_axes is None or call.kernel_out_axes == (len(call.kernel_shape) - 1,):
+        return None
+    return ChannelAxes(tuple(call.kernel_out_axes))
+
+
+def _layer(w_bits: int, a_bits: int, num_inputs: int, weighted: bool, enabled: bool = True,
+           channel_axes: ChannelAxes | None = None) -> LayerQuant:
     return LayerQuant(jnp.int32(w_bits), jnp.int32(a_bits), jnp.asarray(weighted and enabled),
                       jnp.asarray(enabled), jnp.full((num_inputs,), jnp.nan, jnp.float32),
-                      jnp.ones((num_inputs,), bool))
+                      jnp.ones((num_inputs,), bool), w_channel_axes=channel_axes)
 
 
 def build(calls: Sequence[LayerCall], *, w_bits: int, a_bits: int | None = None,
@@ -120,7 +146,7 @@ def build(calls: Sequence[LayerCall], *, w_bits: int, a_bits: int | None = None,
                 break
         is_matmul = call.kind == "matmul"
         policy[call.name] = _layer(bits[0], bits[1], len(call.input_shapes), not is_matmul,
-                                   enabled=quantize_matmuls or not is_matmul)
+                                   enabled=quantize_matmuls or not is_matmul, channel_axes=_channel_axes(call))
     unused = [pattern.pattern for pattern, _ in compiled if pattern.pattern not in used_rules]
     if unused:
         names = list(policy)
