@@ -46,7 +46,7 @@ import jax.numpy as jnp
 from eqjax.quant import layers
 from eqjax.quant.layers import ActivationMatmul, AttentionEinsum
 
-__all__ = ["ActivationMatmul", "AttentionEinsum", "LayerCall", "UnattributedOp", "UnattributedOpWarning",
+__all__ = ["ActivationMatmul", "AttentionEinsum", "LayerCall", "Trace", "UnattributedOp", "UnattributedOpWarning",
            "layer_name", "is_quantizable", "intercept_calls", "dispatch", "trace_layers", "trace",
            "weighted_layer_names", "check_layer_names", "module_variables", "replace_module_variable",
            "closest_names"]

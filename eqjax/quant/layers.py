@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 __all__ = ["ActivationMatmul", "AttentionEinsum", "kind_of", "is_weighted", "is_attention", "kernel_of",
-           "kernel_out_axes", "einsum_macs", "layer_macs", "WEIGHTED_KINDS"]
+           "kernel_out_axes", "einsum_equation", "einsum_macs", "layer_macs", "WEIGHTED_KINDS"]
 
 
 class ActivationMatmul(nn.Module):
@@ -70,7 +70,6 @@ _NNX_KINDS = ((nnx.ConvTranspose, "conv_transpose"), (nnx.Conv, "conv"), (nnx.Li
               (nnx.Linear, "dense"), (nnx.Einsum, "einsum"))
 WEIGHTED_KINDS = ("dense", "conv", "conv_transpose", "einsum")
 ATTENTION_TYPES = (nn.MultiHeadDotProductAttention, nnx.MultiHeadAttention)
-NNX_LAYER_TYPES = tuple(t for t, _ in _NNX_KINDS) + (nnx.MultiHeadAttention,)
 
 
 def kind_of(module: Any) -> str | None:
