@@ -1,6 +1,6 @@
 """Test configuration (set before JAX starts): strict numerics, several fake CPU devices, the
 scripts' XLA:CPU defaults (``experiments.xla_cpu``), and one persistent compilation cache for the
-whole session.
+whole test run.
 
 The tests build the same small models in many tests and in the CLI subprocesses they start;
 each new closure or process would compile the same XLA program again. A session-wide cache

@@ -251,7 +251,6 @@ def sweep(model: nn.Module, variables: Any, policy: Policy, batches: Iterable[tu
     Returns:
       :class:`eqjax.algorithms.sensitivity.SensitivityResult`.
     """
-    model, variables = nnx_model.as_functional(model, variables)
     if layers is None:
         layers = [name for name, lq in policy.items() if bool(lq.w_enabled)]
     report = None if on_progress is None else (lambda n: on_progress({"images": n}))

@@ -254,9 +254,10 @@ def intercept_calls(handler: CallHandler, *, select: Callable[[Any], bool] = is_
         module = context.module
         if context.method_name != "__call__":
             return next_fun(*args, **kwargs)
-        with _entered(module, layer_name(module), attention=layers.is_attention(module)):
+        name = layer_name(module)
+        with _entered(module, name, attention=layers.is_attention(module)):
             if select(module):
-                return handler(layer_name(module), module, next_fun, args, kwargs)
+                return handler(name, module, next_fun, args, kwargs)
             return next_fun(*args, **kwargs)
 
     entry = (handler, select)

@@ -104,6 +104,7 @@ class NnxModel:
 
     def __init__(self, graphdef: Any, templates: Mapping[str, Any], rest: Any):
         self.graphdef, self._templates, self._rest = graphdef, dict(templates), rest
+        self._template_dicts = {c: nnx.to_pure_dict(t) for c, t in self._templates.items()}
 
     def _states(self, variables: Mapping[str, Any]) -> list:
         unknown = sorted(set(variables) - set(self._templates))
@@ -113,7 +114,7 @@ class NnxModel:
         for collection, template in self._templates.items():
             state = jax.tree.map(lambda leaf: leaf, template)  # a fresh State to fill
             tree = variables.get(collection, {})
-            nnx.replace_by_pure_dict(state, _with_template_keys(nnx.to_pure_dict(template), tree))
+            nnx.replace_by_pure_dict(state, _with_template_keys(self._template_dicts[collection], tree))
             states.append(state)
         return states
 
@@ -139,7 +140,7 @@ class NnxModel:
         """The variables the model was made with; with arguments, the model is also called on them
         (as Linen's ``init`` is, so that tracing ``init`` sees every layer call). ``rng`` is unused."""
         del rng
-        variables = {c: _string_keys(nnx.to_pure_dict(t)) for c, t in self._templates.items()}
+        variables = {c: _string_keys(d) for c, d in self._template_dicts.items()}
         if args or kwargs:
             self.apply(variables, *args, **kwargs)
         return variables
