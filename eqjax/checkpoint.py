@@ -8,12 +8,13 @@ leaves a half-written directory under the final name.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import numpy as np
@@ -37,6 +38,23 @@ class Checkpoint:
     source: str = ""
 
 
+@contextlib.contextmanager
+def staged_directory(directory: str) -> Iterator[str]:
+    """A temporary sibling of ``directory`` to write into; when the block ends without an error it
+    replaces ``directory`` by a rename (never half-written under the final name), else it is removed."""
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".eqjax_staging_", dir=parent)
+    try:
+        yield staging
+        if os.path.exists(directory):
+            shutil.rmtree(directory)
+        os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def save(directory: str | os.PathLike, variables: Any, *, model: str, num_classes: int,
          preprocessing: models.Preprocessing, source: str = "", overwrite: bool = False) -> str:
     """Writes ``variables`` and metadata to ``directory`` atomically; returns its absolute path.
@@ -49,10 +67,7 @@ def save(directory: str | os.PathLike, variables: Any, *, model: str, num_classe
     directory = os.path.abspath(os.fspath(directory))
     if os.path.exists(directory) and not overwrite:
         raise FileExistsError(f"checkpoint directory {directory} exists; pass overwrite=True to replace it")
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".eqjax_ckpt_", dir=parent)
-    try:
+    with staged_directory(directory) as staging:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(os.path.join(staging, VARIABLES_DIR),
                           jax.tree_util.tree_map(np.asarray, variables))
@@ -61,12 +76,6 @@ def save(directory: str | os.PathLike, variables: Any, *, model: str, num_classe
                     "preprocessing": preprocessing.to_dict(), "source": source}
         with open(os.path.join(staging, METADATA_FILE), "w") as f:
             json.dump(metadata, f, indent=1)
-        if os.path.exists(directory):
-            shutil.rmtree(directory)
-        os.replace(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return directory
 
 

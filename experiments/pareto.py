@@ -5,8 +5,10 @@
 Reads every matching results.json (each holds top1, fp32_top1 and energy.relative), adds
 the FP32 point of each model, computes the non-dominated set (lower energy, higher top-1)
 per model, prints it, and writes WORKDIR/pareto/results.json and pareto.png. Results made with
-reconstruction PTQ (``--reconstruct``) are drawn apart, with two fronts: round-to-nearest
-points only, and all points.
+reconstruction PTQ (``--reconstruct``) and by experiments.qat (QAT, and its FP32 control) are
+drawn apart, with two fronts: round-to-nearest points only, and all points. Include QAT results
+with e.g. ``--results='runs/*/ptq/results.json,runs/*/qat/results.json'``; each QAT result also
+adds its round-to-nearest start at the same widths.
 """
 
 from __future__ import annotations
@@ -30,12 +32,22 @@ def define_flags() -> None:
 
 
 def _method(result: dict) -> str:
-    """``nearest`` (round-to-nearest PTQ) or the reconstruction method of a result."""
+    """``nearest`` (round-to-nearest PTQ), the reconstruction method of a result, ``qat`` (a
+    quantization-aware trained model: experiments.qat, or experiments.ptq --qat_state) or
+    ``control`` (experiments.qat --control, the full-precision model fine-tuned alike)."""
+    if result.get("experiment") == "qat":
+        return "control" if result.get("control") else "qat"
+    if result.get("qat"):
+        return "qat"
     return (result.get("reconstruction") or {}).get("method", "nearest")
 
 
 def _label(result: dict, path: str) -> str:
     method = _method(result)
+    if result.get("experiment") == "qat":
+        return result["method"] if result.get("control") else f"W{result.get('w_bits')}A{result.get('a_bits')} {result['method']}"
+    if result.get("qat"):
+        return f"W{result.get('w_bits')}A{result.get('a_bits')} {result['qat'].get('method', 'QAT')} (loaded)"
     suffix = ("" if method == "nearest" else f" + {method}") + (
         " + bias corr." if result.get("config", {}).get("bias_correction") else "")
     if result.get("experiment") == "mixed":
@@ -66,6 +78,10 @@ def load_points(patterns) -> list[dict]:
         points.append({"model": result["model"], "label": _label(result, path), "path": path,
                        "method": _method(result), "relative_energy": result["energy"]["relative"],
                        "top1": result["top1"]})
+        if result.get("experiment") == "qat" and result.get("nearest_top1") is not None:  # its start, same widths
+            points.append({"model": result["model"], "path": path, "method": "nearest",
+                           "label": f"W{result.get('w_bits')}A{result.get('a_bits')} round-to-nearest (QAT start)",
+                           "relative_energy": result["energy"]["relative"], "top1": result["nearest_top1"]})
         fp32 = {"model": result["model"], "label": "FP32", "path": path, "method": "nearest",
                 "relative_energy": 1.0, "top1": result["fp32_top1"]}
         if not any(p["model"] == fp32["model"] and p["label"] == "FP32" for p in points):
@@ -77,9 +93,11 @@ def _plot(path, by_model):
     plt = common.pyplot()
     fig, axes = plt.subplots(1, len(by_model), figsize=(6 * len(by_model), 4.5), squeeze=False)
     for ax, (model, (points, front, nearest_front)) in zip(axes[0], by_model.items()):
-        reconstructed = [p["method"] != "nearest" for p in points]
-        for flag, color, name in ((False, "grey", "round-to-nearest"), (True, "tab:blue", "reconstructed")):
-            mine = [p for p, r in zip(points, reconstructed) if r == flag]
+        kinds = [p["method"] if p["method"] in ("nearest", "qat", "control") else "reconstructed" for p in points]
+        reconstructed = [k != "nearest" for k in kinds]
+        for kind, color, name in (("nearest", "grey", "round-to-nearest"), ("reconstructed", "tab:blue", "reconstructed"),
+                                  ("qat", "tab:green", "QAT"), ("control", "black", "FP32 control")):
+            mine = [p for p, k in zip(points, kinds) if k == kind]
             if mine:
                 ax.scatter([p["relative_energy"] for p in mine], [p["top1"] for p in mine], color=color, label=name)
         for p in points:

@@ -25,7 +25,9 @@ In code: ``run(PtqRunConfig(workload=WorkloadConfig(...), ptq=eqjax.PTQConfig(w_
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import os
 import time
 from typing import Any, Callable
 
@@ -33,7 +35,7 @@ from absl import flags
 
 from eqjax import ptq
 from eqjax.quant import policy as policy_lib
-from eqjax.algorithms import reconstruction as reconstruction_lib
+from eqjax.algorithms import qat, reconstruction as reconstruction_lib
 from experiments import common, workload as workload_lib
 
 FLAGS = flags.FLAGS
@@ -47,6 +49,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("a_bits", None, "Activation bits (default --bits).")
     flags.DEFINE_integer("keep_first_last_bits", 8, "Bits of the first and last layer; 0 = no exception.")
     flags.DEFINE_string("workdir", "runs/default", "Output folder; results go to WORKDIR/ptq/.")
+    flags.DEFINE_string("qat_state", None, "Evaluate the trained quantized model that experiments.qat wrote "
+                        "(WORKDIR/qat/final) instead of calibrating; its bits replace --bits.")
     workload_lib.define_reconstruction_flags()
 
 
@@ -62,9 +66,13 @@ class PtqRunConfig:
     recon_state: str | None = None  # a saved reconstructed state to reuse
     fold_batchnorm: bool = False
     bias_correction: bool = False
+    qat_state: str | None = None  # a trained quantized model (experiments.qat) to evaluate
 
 
 def config_from_flags() -> PtqRunConfig:
+    if FLAGS.qat_state and (FLAGS.reconstruct != "none" or FLAGS.fold_batchnorm or FLAGS.bias_correction):
+        raise ValueError("--qat_state evaluates a trained model as it is: leave out --reconstruct, "
+                         "--fold_batchnorm and --bias_correction")
     names = {"w_bits": "w_bits" if FLAGS.w_bits is not None else "bits",
              "a_bits": "a_bits" if FLAGS.a_bits is not None else "bits"}
     w_bits = FLAGS.w_bits if FLAGS.w_bits is not None else FLAGS.bits
@@ -75,7 +83,8 @@ def config_from_flags() -> PtqRunConfig:
                                                                flag_names=names),
                         workdir=FLAGS.workdir, bits=FLAGS.bits,
                         reconstruction=workload_lib.reconstruction_config_from_flags(), recon_state=FLAGS.recon_state,
-                        fold_batchnorm=FLAGS.fold_batchnorm, bias_correction=FLAGS.bias_correction)
+                        fold_batchnorm=FLAGS.fold_batchnorm, bias_correction=FLAGS.bias_correction,
+                        qat_state=FLAGS.qat_state)
 
 
 def _plot(path, result, bits):
@@ -94,18 +103,38 @@ def _plot(path, result, bits):
     common.save_figure(fig, path)
 
 
+def _load_qat_state(path: str, work: workload_lib.Workload) -> tuple[ptq.QuantizedState, dict]:
+    """The quantized state that experiments.qat saved in ``path``, checked against the workload's model."""
+    loaded = qat.load(path)
+    if loaded.info.get("model") != work.spec.name:
+        raise ValueError(f"--qat_state={path} holds a {loaded.info.get('model')} model, not --model={work.spec.name}")
+    policy_lib.validate(loaded.policy, dict.fromkeys(c.name for c in work.calls))
+    work.log(f"loaded the {loaded.info.get('method')} model of {path} (reported top-1 {loaded.info.get('top1')})")
+    bits = policy_lib.bits_table(loaded.policy)
+    # The body's widths (the most common ones; the first/last layers and mixed allocations differ).
+    common_bits = lambda key: next(iter(collections.Counter(
+        b[key] for b in bits.values() if b[key]).most_common(1)), (None,))[0]
+    info = {**loaded.info, "state": os.path.abspath(path), "w_bits": common_bits("w"), "a_bits": common_bits("a")}
+    return ptq.QuantizedState(qat.quantized_variables(loaded), loaded.policy), info
+
+
 def run(config: PtqRunConfig, *, log: Callable[[str], None] = common.log) -> dict[str, Any]:
     """Calibrates, quantizes and evaluates; writes WORKDIR/ptq/results.json and ptq.png; returns the results."""
     started = time.perf_counter()
     out = common.output_dir(config.workdir, "ptq")
     work = workload_lib.open_workload(config.workload, log=log)
-    if config.fold_batchnorm:
-        work.fold_batchnorm()
-    stats, calibration_s = work.collect_stats()
-    policy = work.calibrated(stats, config.ptq)
     w_bits, a_bits = config.ptq.w_bits, config.ptq.activation_bits
-    state, recon_info = work.quantized_state(policy, config.ptq, config.reconstruction, out=out,
-                                             load_from=config.recon_state, bias_correction=config.bias_correction)
+    if config.qat_state:
+        state, qat_info = _load_qat_state(config.qat_state, work)
+        calibration_s, recon_info = 0.0, None
+        w_bits, a_bits = qat_info["w_bits"], qat_info["a_bits"]
+    else:
+        if config.fold_batchnorm:
+            work.fold_batchnorm()
+        stats, calibration_s = work.collect_stats()
+        policy = work.calibrated(stats, config.ptq)
+        state, recon_info = work.quantized_state(policy, config.ptq, config.reconstruction, out=out,
+                                                 load_from=config.recon_state, bias_correction=config.bias_correction)
     policy = state.policy
     fp32 = work.evaluate_fp32()
     quant = work.evaluate_quantized(state, f"W{w_bits}A{a_bits}" + (f" {recon_info['method']}" if recon_info else ""))
@@ -117,13 +146,15 @@ def run(config: PtqRunConfig, *, log: Callable[[str], None] = common.log) -> dic
                                                                                  if config.reconstruction else "none"),
                                       "recon_state": config.recon_state,
                                       "fold_batchnorm": config.fold_batchnorm,
-                                      "bias_correction": config.bias_correction})
+                                      "bias_correction": config.bias_correction,
+                                      "qat_state": config.qat_state})
     result.update({
         "w_bits": w_bits, "a_bits": a_bits, "bits": bits,
         "activation_clips": {n: {"clip": lq.a_clip, "signed": lq.a_signed} for n, lq in policy.items()},
         "top1": quant["top1"], "top5": quant["top5"], "fp32_top1": fp32["top1"], "fp32_top5": fp32["top5"],
         "energy": work.energy_of(bits),
         "reconstruction": recon_info,
+        "qat": qat_info if config.qat_state else None,
         "wall_times_s": {"calibration": calibration_s, "fp32_eval": fp32["seconds"],
                          "reconstruction": recon_info["wall_time_s"] if recon_info else 0.0,
                          "quantized_eval": quant["seconds"],

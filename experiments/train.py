@@ -29,9 +29,7 @@ run; without it, a workdir that already holds checkpoints is refused, never over
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import logging as std_logging
 import os
 import time
 from typing import Any, Callable
@@ -39,13 +37,12 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import flags
 from jax.sharding import NamedSharding, PartitionSpec
 
 from eqjax import checkpoint, data, models, training
 from eqjax.algorithms import metrics
-from experiments import common
+from experiments import common, loop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +102,6 @@ def define_flags() -> None:
 
 # Fields that may differ between a run and its resumption (they do not change the parameters).
 RESUMABLE_CHANGES = ("workdir", "resume", "log_every", "checkpoint_every", "eval_images", "eval_dataset")
-CHECKPOINTS_KEPT = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,92 +202,6 @@ def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, 
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
-def epoch_order(seed: int, epoch: int, num_images: int) -> np.ndarray:
-    """The image order of one epoch: a permutation determined by (seed, epoch) alone."""
-    return np.random.default_rng([seed, epoch]).permutation(num_images)
-
-
-def _format_seconds(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-@contextlib.contextmanager
-def _quiet_orbax_errors():
-    """Orbax and asyncio log a traceback per failed read of a corrupt checkpoint; the caller
-    reports the failure in one line instead."""
-    loggers = [std_logging.getLogger(n) for n in ("asyncio", "absl")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(std_logging.CRITICAL)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
-class _Checkpoints:
-    """Orbax checkpoints of the train state plus the run's config and curve (JSON)."""
-
-    def __init__(self, directory: str):
-        self.directory = directory
-        self.manager = ocp.CheckpointManager(
-            directory, options=ocp.CheckpointManagerOptions(max_to_keep=CHECKPOINTS_KEPT),
-            item_names=("state", "meta"))
-
-    def latest(self) -> int | None:
-        return self.manager.latest_step()
-
-    def save(self, state: training.TrainState, meta: dict[str, Any]) -> None:
-        step = int(state.step)
-        if step in self.manager.all_steps():
-            return
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        meta=ocp.args.JsonSave(meta)))
-
-    def restore(self, template: training.TrainState) -> tuple[training.TrainState, dict[str, Any]]:
-        """The newest intact checkpoint. A corrupt newer one is reported in one line and moved to
-        ``corrupt_checkpoints/`` beside the checkpoints (kept for inspection, out of the way of
-        the steps this run saves again).
-
-        Raises:
-          ValueError: no checkpoint can be restored.
-        """
-        failures: list[tuple[int, str]] = []  # (step, reason)
-        for step in sorted(self.manager.all_steps(), reverse=True):
-            try:
-                with _quiet_orbax_errors():
-                    restored = self.manager.restore(step, args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(jax.tree_util.tree_map(np.asarray, template)),
-                        meta=ocp.args.JsonRestore()))
-            except Exception as e:  # orbax raises many types for missing/corrupt/mismatched files
-                reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]
-                failures.append((step, reason))
-                common.log(f"WARNING: checkpoint step {step} in {self.directory} cannot be restored ({reason})")
-                continue
-            if failures:
-                self._set_aside([s for s, _ in failures])
-                common.log(f"resuming from the newest intact checkpoint, step {step}")
-            return restored["state"], restored["meta"]
-        listing = "; ".join(f"step {s}: {reason}" for s, reason in failures)
-        raise ValueError(f"no intact checkpoint in {self.directory} ({listing}); "
-                         "start again in another --workdir")
-
-    def _set_aside(self, steps: list[int]) -> None:
-        aside = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")
-        os.makedirs(aside, exist_ok=True)
-        for step in steps:
-            target = os.path.join(aside, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
-            os.replace(os.path.join(self.directory, str(step)), target)
-            common.log(f"moved the corrupt checkpoint step {step} to {target}")
-        self.manager.reload()
-
-    def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
-
-
 def _check_resumable(saved: dict[str, Any], config: TrainConfig, directory: str) -> None:
     current = _fingerprint(config)
     different = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
@@ -330,7 +240,7 @@ def run(config: TrainConfig, *, model_overrides: dict[str, Any] | None = None,
     started = time.perf_counter()
     spec = models.get(config.model)
     out = common.output_dir(config.workdir, "train")
-    checkpoints = _Checkpoints(os.path.join(os.path.abspath(out), "checkpoints"))
+    checkpoints = loop.Checkpoints(os.path.join(os.path.abspath(out), "checkpoints"))
     try:
         if checkpoints.latest() is not None and not config.resume:
             raise FileExistsError(f"{checkpoints.directory} holds checkpoints up to step "
@@ -408,50 +318,15 @@ def _train(config, spec, out, checkpoints, model_overrides, on_step, started):
         return evaluator(state.variables, batches, batch_size=config.batch_size, num_classes=num_classes,
                          on_progress=common.progress_logger("eval", len(eval_images)))
 
-    step = int(state.step)
     common.log(f"training {spec.name} ({num_classes} classes, {dtype.name}) on {len(train_images)} images: "
                f"{config.epochs} epochs x {steps_per_epoch} steps, batch {config.batch_size}, "
                f"{config.optimizer} lr {config.learning_rate:g}, {jax.local_device_count()} devices")
-    window_start, window_images, run_start, run_first_step = time.perf_counter(), 0, time.perf_counter(), step
-    epoch_metrics, order, order_epoch = [], None, None
-    while step < total_steps:
-        epoch, position = divmod(step, steps_per_epoch)
-        if epoch != order_epoch:
-            order, order_epoch = epoch_order(config.seed, epoch, len(train_images)), epoch
-        idx = order[position * config.batch_size:(position + 1) * config.batch_size]
-        images, labels = jax.device_put((train_images[idx], train_labels[idx]), batch_sharding)
-        state, step_metrics = train_step(state, images, labels)
-        step += 1
-        epoch_metrics.append(step_metrics)
-        window_images += config.batch_size
-        if on_step is not None:
-            on_step(step)
-        if step % config.log_every == 0 or step == total_steps:
-            loss = float(step_metrics["loss"])
-            if not np.isfinite(loss):
-                raise FloatingPointError(f"non-finite training loss {loss} at step {step}; lower "
-                                         "--learning_rate (the last checkpoint is kept)")
-            now = time.perf_counter()
-            rate = window_images / (now - window_start)
-            eta = (now - run_start) / (step - run_first_step) * (total_steps - step)
-            common.log(f"step {step}/{total_steps} epoch {epoch + 1}/{config.epochs} loss {loss:.4f} "
-                       f"acc {100 * float(step_metrics['accuracy']):.1f}% lr {float(schedule(step)):.4g} "
-                       f"{rate:.0f} img/s ETA {_format_seconds(eta)}")
-            window_start, window_images = now, 0
-        if step % steps_per_epoch == 0:
-            evaluation = evaluate(state)
-            curve.append({"epoch": step // steps_per_epoch, "step": step,
-                          "train_loss": float(np.mean([float(m["loss"]) for m in epoch_metrics])),
-                          "train_accuracy": 100 * float(np.mean([float(m["accuracy"]) for m in epoch_metrics])),
-                          "eval_top1": evaluation["top1"], "eval_top5": evaluation["top5"],
-                          "wall_s": time.perf_counter() - started})
-            epoch_metrics = []
-            common.log(f"epoch {curve[-1]['epoch']}: train loss {curve[-1]['train_loss']:.4f}, "
-                       f"eval top-1 {evaluation['top1']:.2f}% top-5 {evaluation['top5']:.2f}%")
-            checkpoints.save(state, meta())
-            common.write_json_atomic(f"{out}/results.json", {**result, "curve": curve, "finished": False})
-        elif step % config.checkpoint_every == 0:
-            checkpoints.save(state, meta())
+    state = loop.fit(state, train_step, train_images, train_labels, batch_size=config.batch_size,
+                     epochs=config.epochs, seed=config.seed, checkpoints=checkpoints, meta=meta, evaluate=evaluate,
+                     curve=curve, learning_rate=schedule, batch_sharding=batch_sharding,
+                     log_every=config.log_every, checkpoint_every=config.checkpoint_every, started=started,
+                     on_step=on_step, on_epoch=lambda: common.write_json_atomic(
+                         f"{out}/results.json", {**result, "curve": curve, "finished": False}))
 
     final = checkpoint.save(os.path.join(out, "final"), jax.device_get(state.variables), model=spec.name,
                             num_classes=num_classes, preprocessing=preprocessing,

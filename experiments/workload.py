@@ -260,6 +260,15 @@ class Workload:
                     save_to: str, load_from: str | None = None) -> tuple[ptq.QuantizedState, dict]:
         """Reconstruction PTQ of ``policy`` on the calibration images (or its saved state from
         ``load_from``); saves the state to ``save_to``. Returns the quantized state and a report."""
+        result, info = self.reconstruction_result(policy, config, recon, save_to=save_to, load_from=load_from)
+        qvars = reconstruction.quantized_variables(self.variables, result.policy, result.rounding,
+                                                   result.weight_scales)
+        return ptq.QuantizedState(qvars, result.policy), info
+
+    def reconstruction_result(self, policy: dict, config: ptq.PTQConfig, recon: reconstruction.ReconstructionConfig,
+                              *, save_to: str, load_from: str | None = None
+                              ) -> tuple[reconstruction.ReconstructionResult, dict]:
+        """:meth:`reconstruct`'s reconstruction result itself (rounding, weight scales, policy) and report."""
         if load_from:
             result = reconstruction.load(load_from, policy)
             if result.info.get("method") != recon.method:
@@ -289,11 +298,9 @@ class Workload:
                              "it keeps its calibrated (nearest-rounding) state")
             reconstruction.save(save_to, result)
             shutil.rmtree(partial, ignore_errors=True)
-        qvars = reconstruction.quantized_variables(self.variables, result.policy, result.rounding,
-                                                   result.weight_scales)
         info = {**result.info, "units_report": result.units, "state": os.path.abspath(load_from or save_to),
                 "loaded": bool(load_from)}
-        return ptq.QuantizedState(qvars, result.policy), info
+        return result, info
 
     def evaluate_quantized(self, state: ptq.QuantizedState, label: str) -> dict:
         return self._evaluate(self.quantized_evaluator, state, label)

@@ -18,7 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def readme_example(index: int = 0) -> str:
-    """Python block ``index`` of the README's "Quantize your own Flax model" (0: Linen, 1: NNX)."""
+    """Python block ``index`` of the README's "Quantize your own Flax model" (0: Linen, 1: QAT of the
+    Linen model, 2: NNX)."""
     with open(os.path.join(ROOT, "README.md")) as f:
         text = f.read()
     section = text.split("## Quantize your own Flax model", 1)[1].split("\n## ", 1)[0]
@@ -41,11 +42,21 @@ def test_readme_quantize_your_own_model_runs(capsys):
     np.testing.assert_array_equal(logits, eqjax.quant.apply.quantized_apply(model, variables, policy, images))
 
 
+def test_readme_qat_of_your_own_model_runs_and_beats_round_to_nearest(capsys):
+    namespace = {}
+    exec(compile(readme_example(0), "README.md", "exec"), namespace)
+    exec(compile(readme_example(1), "README.md", "exec"), namespace)
+    ptq_result, qat_result = namespace["result"], namespace["qat_result"]
+    assert qat_result["num_images"] == 256 and qat_result["top1"] > ptq_result["top1"], (ptq_result, qat_result)
+    assert "W4A4 after QAT agrees with FP32 on" in capsys.readouterr().out
+    assert eqjax.bits_table(namespace["trained"].policy) == eqjax.bits_table(namespace["policy"])
+
+
 def test_readme_quantize_your_own_nnx_model_runs(capsys):
     from flax import nnx
 
     namespace = {}
-    exec(compile(readme_example(1), "README.md", "exec"), namespace)
+    exec(compile(readme_example(2), "README.md", "exec"), namespace)
     policy, quantized = namespace["policy"], namespace["quantized"]
     assert list(policy) == ["patch", "attn.query", "attn.key", "attn.value", "attn.qk_matmul", "attn.av_matmul",
                             "attn.out", "mlp", "head"]

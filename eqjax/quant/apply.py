@@ -130,13 +130,18 @@ def quantize_input(lq: LayerQuant, index: int, x: jax.Array, bits: Any = None) -
     """Input ``index`` of a layer call fake-quantized per tensor by ``lq`` (whether or not
     ``lq.a_enabled``), with the quantizer that ``lq.a_kind[index]`` names.
 
-    ``UNIFORM``: clip ``a_clip`` on the signed or unsigned grid (``a_signed``). ``LOG``: the
+    ``UNIFORM``: clip ``a_clip`` on the signed or unsigned grid (``a_signed``), shifted by
+    ``a_offset`` when the policy has offsets. ``LOG``: the
     log quantizer of base ``a_log_base``. ``TWIN``: coarse range ``a_clip``, fine range
     ``a_clip * a_fine_ratio``. The kind is data: one compiled function serves every mix of kinds in
     layers that have kinds (``a_kind`` not None). ``bits`` overrides ``lq.a_bits``.
     """
     bits = lq.a_bits if bits is None else bits
-    out = numerics.quantize_clipped(x, bits, lq.a_clip[index], signed=lq.a_signed[index])
+    if lq.a_offset is None:
+        out = numerics.quantize_clipped(x, bits, lq.a_clip[index], signed=lq.a_signed[index])
+    else:  # LSQ+: the grid shifted by its offset (gradient to the offset where x clamps)
+        offset = lq.a_offset[index].astype(x.dtype)
+        out = numerics.quantize_clipped(x - offset, bits, lq.a_clip[index], signed=lq.a_signed[index]) + offset
     if lq.a_kind is not None:
         kind = lq.a_kind[index]
         # Unselected branches get valid parameters: their zero cotangents then stay zero (0 * NaN is not).

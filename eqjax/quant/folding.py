@@ -35,7 +35,7 @@ from eqjax.quant.policy import LayerQuant
 # Layers a BatchNorm folds into: the kernel's last axis is its output channel.
 FOLDABLE_TYPES = (nn.Conv, nn.Dense)
 
-__all__ = ["ConvBatchNorm", "conv_batchnorm_pairs", "fold_batchnorm", "bias_shifts", "correct_bias"]
+__all__ = ["ConvBatchNorm", "conv_batchnorm_pairs", "batchnorm_factors", "fold_batchnorm", "fold_pairs", "bias_shifts", "correct_bias"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +75,26 @@ def _channel_shape(kernel: jax.Array) -> tuple[int, ...]:
     return (1,) * (kernel.ndim - 1) + (-1,)
 
 
+def batchnorm_factors(variables: Mapping, pairs: Iterable[ConvBatchNorm]) -> dict[str, jax.Array]:
+    """``{layer: f}`` with ``f = γ / √(σ² + ε)`` [out] of the BatchNorm after each layer of ``pairs``.
+
+    Raises:
+      ValueError: a BatchNorm without a learned bias (``use_bias=False``) or running statistics,
+        which cannot be folded.
+    """
+    factors = {}
+    for pair in pairs:
+        norm = intercept.module_variables(variables, pair.batchnorm)
+        stats = intercept.module_variables(variables, pair.batchnorm, collection="batch_stats")
+        if norm is None or "bias" not in norm or stats is None:
+            raise ValueError(f"cannot fold BatchNorm {pair.batchnorm}: it needs a bias parameter and "
+                             "running statistics (batch_stats)")
+        var = stats["var"].astype(jnp.float32)
+        gamma = norm["scale"].astype(jnp.float32) if "scale" in norm else jnp.ones_like(var)
+        factors[pair.layer] = gamma * jax.lax.rsqrt(var + pair.epsilon)
+    return factors
+
+
 def fold_batchnorm(model: nn.Module, variables: Mapping, example: Any) -> tuple[dict, list[ConvBatchNorm]]:
     """``variables`` with every BatchNorm folded into the conv/dense layer before it.
 
@@ -92,18 +112,22 @@ def fold_batchnorm(model: nn.Module, variables: Mapping, example: Any) -> tuple[
         the folded shift.
     """
     pairs = conv_batchnorm_pairs(model, example)
+    return fold_pairs(variables, pairs), pairs
+
+
+def fold_pairs(variables: Mapping, pairs: Iterable[ConvBatchNorm]) -> dict:
+    """``variables`` with the BatchNorm of each of ``pairs`` folded into its layer (as
+    :func:`fold_batchnorm`, for pairs found once); a pure function, differentiable in the
+    parameters (quantization-aware training folds with it in every step)."""
+    pairs = tuple(pairs)
+    factors = batchnorm_factors(variables, pairs)
     out = dict(variables)
     for pair in pairs:
         layer = intercept.module_variables(variables, pair.layer)
         norm = intercept.module_variables(variables, pair.batchnorm)
         stats = intercept.module_variables(variables, pair.batchnorm, collection="batch_stats")
-        if norm is None or "bias" not in norm or stats is None:
-            raise ValueError(f"cannot fold BatchNorm {pair.batchnorm}: it needs a bias parameter and "
-                             "running statistics (batch_stats)")
-        mean, var = stats["mean"].astype(jnp.float32), stats["var"].astype(jnp.float32)
-        gamma = norm["scale"].astype(jnp.float32) if "scale" in norm else jnp.ones_like(mean)
-        factor = gamma * jax.lax.rsqrt(var + pair.epsilon)
-        shift = norm["bias"].astype(jnp.float32) - factor * mean
+        factor = factors[pair.layer]
+        shift = norm["bias"].astype(jnp.float32) - factor * stats["mean"].astype(jnp.float32)
         kernel = layer["kernel"]
         out = intercept.replace_module_variable(
             out, pair.layer, "kernel", (kernel.astype(jnp.float32) * factor.reshape(_channel_shape(kernel))).astype(kernel.dtype))
@@ -118,7 +142,7 @@ def fold_batchnorm(model: nn.Module, variables: Mapping, example: Any) -> tuple[
         out = intercept.replace_module_variable(out, pair.batchnorm, "var",
                                                 jnp.full_like(stats["var"], 1.0 - pair.epsilon),
                                                 collection="batch_stats")
-    return out, pairs
+    return out
 
 
 def bias_shifts(model: nn.Module, variables: Mapping, quantized_variables: Mapping,

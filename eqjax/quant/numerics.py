@@ -50,6 +50,8 @@ __all__ = [
     "fake_quant",
     "log_quantize_clipped",
     "twin_quantize_clipped",
+    "scale_gradient",
+    "lsq_gradient_scale",
 ]
 
 
@@ -315,6 +317,41 @@ def _fake_quant_bwd(residuals, g):
 
 
 fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
+
+
+@jax.custom_vjp
+def scale_gradient(x: jax.Array, factor: jax.Array) -> jax.Array:
+    """``x`` unchanged in the forward pass; its gradient multiplied by ``factor`` (no gradient to
+    ``factor``). LSQ applies its gradient scale ``g`` to the step size this way (Esser et al., 2020,
+    section 2.2: ``grad_scale``)."""
+    return x
+
+
+def _scale_gradient_fwd(x, factor):
+    return x, factor
+
+
+def _scale_gradient_bwd(factor, g):
+    return (g * factor).astype(g.dtype), jnp.zeros_like(factor)
+
+
+scale_gradient.defvjp(_scale_gradient_fwd, _scale_gradient_bwd)
+
+
+def lsq_gradient_scale(num_elements: Any, bits: Any, *, signed: Any = True) -> jax.Array:
+    """LSQ's step-size gradient scale ``g = 1 / sqrt(N * Q_P)`` (Esser et al., 2020, eq. 5).
+
+    Args:
+      num_elements: ``N``, the elements that share the step size (per output channel for a
+        weight, per image for an activation); shape [] or broadcastable with ``bits``.
+      bits: integer of shape [] (may be traced).
+      signed: the grid, so that ``Q_P`` is ``2^(b-1) - 1`` or ``2^b - 1``.
+
+    Returns:
+      float32 ``g`` (NaN for bits outside [2, 16], as :func:`quant_range`).
+    """
+    _, q_max = quant_range(bits, signed=signed, dtype=jnp.float32)
+    return jax.lax.rsqrt(jnp.asarray(num_elements, jnp.float32) * q_max)
 
 
 def _prepare(x, bits, scale, axis, signed):

@@ -60,6 +60,9 @@ class LayerQuant(NamedTuple):
         of ``a_clip`` (so a learned clip moves both ranges).
       w_channel_axes: None (one weight scale per index of the kernel's last axis), or the
         :class:`ChannelAxes` of a kernel whose output channels span other axes.
+      a_offset: None (grids centred on zero), or float32 [n] the offset ``β`` of each uniform input's
+        grid, ``x_hat = β + s * clamp(round((x - β) / s), q_min, q_max)`` (LSQ+'s asymmetric grid,
+        learned by :mod:`eqjax.algorithms.qat`; ``β = 0`` is the symmetric grid).
     """
 
     w_bits: jax.Array
@@ -72,6 +75,7 @@ class LayerQuant(NamedTuple):
     a_log_base: jax.Array | None = None
     a_fine_ratio: jax.Array | None = None
     w_channel_axes: ChannelAxes | None = None
+    a_offset: jax.Array | None = None
 
 
 # Values of LayerQuant.a_kind.
