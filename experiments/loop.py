@@ -106,6 +106,16 @@ class Checkpoints:
         self.manager.close()
 
 
+def check_resumable(saved: dict[str, Any], current: dict[str, Any], directory: str) -> None:
+    """Raises ValueError listing the settings in which the checkpoint's run (``saved``) and this one
+    (``current``) differ: a resumed run must be the same run."""
+    different = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+    if different:
+        listing = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(different.items()))
+        raise ValueError(f"--resume: the checkpoint in {directory} was written by a different run "
+                         f"({listing}); use the same flags or another --workdir")
+
+
 def fit(state: Any, step_fn: Callable, images: np.ndarray, labels: np.ndarray, *, batch_size: int, epochs: int,
         seed: int, checkpoints: Checkpoints, meta: Callable[[], dict], evaluate: Callable[[Any], dict],
         curve: list, learning_rate: Callable[[int], Any], batch_sharding: Any, log_every: int,

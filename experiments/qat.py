@@ -223,10 +223,11 @@ def _training_images(config: QatRunConfig, work: workload_lib.Workload) -> tuple
     return data.load_uint8(source, indices, work.preprocessing), labels
 
 
-def _policy(config: QatRunConfig, work: workload_lib.Workload, stats: dict) -> dict:
+def _policy(config: QatRunConfig, work: workload_lib.Workload, stats: dict,
+            bits: dict[str, tuple[int, int]] | None) -> dict:
+    """The calibrated policy of ``config``, with the per-layer ``bits`` of ``--bits_json`` if given."""
     policy = work.calibrated(stats, config.ptq)
-    if config.bits_json:
-        bits = read_bits_json(config.bits_json)
+    if bits is not None:
         unknown = [n for n in bits if n not in policy]
         if unknown:
             raise ValueError(f"--bits_json={config.bits_json} names layers this model lacks: {', '.join(unknown[:5])}")
@@ -273,11 +274,10 @@ def run(config: QatRunConfig, *, on_step: Callable[[int], None] | None = None) -
 def _run(config: QatRunConfig, out: str, checkpoints: loop.Checkpoints, started: float,
          on_step: Callable[[int], None] | None) -> dict[str, Any]:
     work = workload_lib.open_workload(config.workload)
-    if config.bits_json:
-        read_bits_json(config.bits_json)  # a bad file fails before any long work
+    json_bits = read_bits_json(config.bits_json) if config.bits_json else None  # before any long work
     train_images, train_labels = _training_images(config, work)
     stats, calibration_s = work.collect_stats()
-    policy = _policy(config, work, stats)
+    policy = _policy(config, work, stats, json_bits)
     example = work.spec.example_input(1)
     start_variables, weight_scales, recon_info = work.variables, None, None
     if config.reconstruction is not None:
@@ -313,12 +313,7 @@ def _run(config: QatRunConfig, out: str, checkpoints: loop.Checkpoints, started:
     curve: list[dict[str, Any]] = []
     if checkpoints.latest() is not None:
         state, meta = checkpoints.restore(state)
-        different = {k: (meta["config"].get(k), v) for k, v in _fingerprint(config).items()
-                     if meta["config"].get(k) != v}
-        if different:
-            listing = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(different.items()))
-            raise ValueError(f"--resume: the checkpoint in {checkpoints.directory} was written by a different run "
-                             f"({listing}); use the same flags or another --workdir")
+        loop.check_resumable(meta["config"], _fingerprint(config), checkpoints.directory)
         curve = meta["curve"]
         common.log(f"resumed from step {int(state.step)} of {checkpoints.directory}")
     elif config.resume:

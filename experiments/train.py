@@ -202,15 +202,6 @@ def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, 
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
-def _check_resumable(saved: dict[str, Any], config: TrainConfig, directory: str) -> None:
-    current = _fingerprint(config)
-    different = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
-    if different:
-        listing = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(different.items()))
-        raise ValueError(f"--resume: the checkpoint in {directory} was written by a different run "
-                         f"({listing}); use the same flags or another --workdir")
-
-
 def _plot_curve(path: str, curve: list[dict[str, Any]], model: str) -> None:
     plt = common.pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
@@ -289,7 +280,7 @@ def _train(config, spec, out, checkpoints, model_overrides, on_step, started):
     curve: list[dict[str, Any]] = []
     if checkpoints.latest() is not None:
         state, meta = checkpoints.restore(state)
-        _check_resumable(meta["config"], config, checkpoints.directory)
+        loop.check_resumable(meta["config"], _fingerprint(config), checkpoints.directory)
         curve = meta["curve"]
         common.log(f"resumed from step {int(state.step)} of {checkpoints.directory}")
     elif config.resume:

@@ -361,7 +361,7 @@ def finalize(model: nn.Module, start: QatStart, trainables: Mapping, batch_stats
     if config.batchnorm == "update":
         pairs = folding.conv_batchnorm_pairs(model, example)
         factors = folding.batchnorm_factors(variables, pairs)
-        variables, _ = folding.fold_batchnorm(model, variables, example)
+        variables = folding.fold_pairs(variables, pairs)
         scales = {n: s * jnp.abs(factors[n]).reshape(s.shape) if n in factors else s for n, s in scales.items()}
     as_numpy = lambda tree: jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
     return QatResult(as_numpy(variables), as_numpy(policy), as_numpy(scales), dict(info or {}))
