@@ -18,6 +18,8 @@ Packages, by layer (DESIGN): ``eqjax.quant`` (``numerics``, ``calibration``, ``p
 ``models`` (ResNet-18, DeiT-Tiny, EfficientNet-Lite0 with timm names), ``data``, ``checkpoint``
 and ``training``. Every module is also reachable by its short name (``eqjax.numerics``,
 ``from eqjax import reconstruction``, ``import eqjax.vit_quant``), as before the grouping.
+Integer execution and export live in ``eqjax.deploy`` (``packing``, ``artifact``, ``integer``,
+``onnx_export``; imported by name, ``from eqjax.deploy import artifact``).
 
 Example:
   >>> import jax.numpy as jnp

@@ -44,10 +44,7 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
     """Defines this script's flags (when it runs as a program; importing it defines none)."""
     workload_lib.define_shared_flags()
-    flags.DEFINE_integer("bits", 8, "Weight and activation bits (overridden by --w_bits / --a_bits).")
-    flags.DEFINE_integer("w_bits", None, "Weight bits (default --bits).")
-    flags.DEFINE_integer("a_bits", None, "Activation bits (default --bits).")
-    flags.DEFINE_integer("keep_first_last_bits", 8, "Bits of the first and last layer; 0 = no exception.")
+    workload_lib.define_bits_flags(8)
     flags.DEFINE_string("workdir", "runs/default", "Output folder; results go to WORKDIR/ptq/.")
     flags.DEFINE_string("qat_state", None, "Evaluate the trained quantized model that experiments.qat wrote "
                         "(WORKDIR/qat/final) instead of calibrating; its bits replace --bits.")

@@ -64,11 +64,7 @@ def define_flags() -> None:
     """Defines this script's flags (when it runs as a program; importing it defines none)."""
     workload_lib.define_shared_flags()
     workload_lib.define_reconstruction_flags()
-    flags.DEFINE_integer("bits", 4, "Weight and activation bits (overridden by --w_bits / --a_bits).")
-    flags.DEFINE_integer("w_bits", None, "Weight bits (default --bits).")
-    flags.DEFINE_integer("a_bits", None, "Activation bits (default --bits).")
-    flags.DEFINE_integer("keep_first_last_bits", 8, "Bits of the first and last layer; 0 = no exception.")
-    flags.DEFINE_string("bits_json", None, "A ptq/mixed results.json whose per-layer 'bits' become the policy.")
+    workload_lib.define_bits_flags(4, bits_json=True)
     flags.DEFINE_string("train_dataset", None, "Training images (default: --calib_dataset).")
     flags.DEFINE_integer("train_images", None, "Train on this many images (default all).")
     flags.DEFINE_integer("epochs", 1, "Epochs over the training images.")
@@ -189,18 +185,6 @@ def _fingerprint(config: QatRunConfig) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if k not in RESUMABLE_CHANGES}
 
 
-def read_bits_json(path: str) -> dict[str, tuple[int, int]]:
-    """``{layer: (w_bits, a_bits)}`` of a ptq/mixed results.json (layers not quantized keep 8 bits
-    and stay disabled by their policy entry)."""
-    try:
-        with open(path) as f:
-            table = json.load(f)["bits"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"--bits_json={path} is not a ptq/mixed results.json with a 'bits' table "
-                         f"({type(e).__name__}: {e})") from None
-    return {name: (entry["w"] or 8, entry["a"] or 8) for name, entry in table.items()}
-
-
 def _training_images(config: QatRunConfig, work: workload_lib.Workload) -> tuple[np.ndarray, np.ndarray]:
     """The training images (uint8 at the model's input geometry) and labels; refuses an empty set
     and one that shares images with the evaluation set."""
@@ -221,18 +205,6 @@ def _training_images(config: QatRunConfig, work: workload_lib.Workload) -> tuple
         raise ValueError(f"--train_batch_size={config.train_batch_size} exceeds the {len(indices)} training images")
     common.log(f"decoding {len(indices)} training images of {source.spec}")
     return data.load_uint8(source, indices, work.preprocessing), labels
-
-
-def _policy(config: QatRunConfig, work: workload_lib.Workload, stats: dict,
-            bits: dict[str, tuple[int, int]] | None) -> dict:
-    """The calibrated policy of ``config``, with the per-layer ``bits`` of ``--bits_json`` if given."""
-    policy = work.calibrated(stats, config.ptq)
-    if bits is not None:
-        unknown = [n for n in bits if n not in policy]
-        if unknown:
-            raise ValueError(f"--bits_json={config.bits_json} names layers this model lacks: {', '.join(unknown[:5])}")
-        policy = work.calibrated(stats, config.ptq, policy=policy_lib.set_bits(policy, bits))
-    return policy
 
 
 def _plot(path: str, result: dict) -> None:
@@ -274,10 +246,10 @@ def run(config: QatRunConfig, *, on_step: Callable[[int], None] | None = None) -
 def _run(config: QatRunConfig, out: str, checkpoints: loop.Checkpoints, started: float,
          on_step: Callable[[int], None] | None) -> dict[str, Any]:
     work = workload_lib.open_workload(config.workload)
-    json_bits = read_bits_json(config.bits_json) if config.bits_json else None  # before any long work
+    json_bits = workload_lib.read_bits_json(config.bits_json) if config.bits_json else None  # before any long work
     train_images, train_labels = _training_images(config, work)
     stats, calibration_s = work.collect_stats()
-    policy = _policy(config, work, stats, json_bits)
+    policy = work.calibrated_with_bits(stats, config.ptq, json_bits, flag=f"--bits_json={config.bits_json}")
     example = work.spec.example_input(1)
     start_variables, weight_scales, recon_info = work.variables, None, None
     if config.reconstruction is not None:

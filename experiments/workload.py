@@ -9,6 +9,7 @@ everything else takes a config, so every script runs in-process from a test.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import time
@@ -18,7 +19,7 @@ import numpy as np
 from absl import flags
 
 from eqjax import data, models, ptq
-from eqjax.quant import calibration, folding, numerics
+from eqjax.quant import calibration, folding, numerics, policy as policy_lib
 from eqjax.algorithms import energy, metrics, reconstruction, second_order
 from experiments import common
 
@@ -43,6 +44,16 @@ def define_shared_flags() -> None:
     flags.DEFINE_bool("skip_bad_images", False, "Skip images that cannot be decoded (a warning, and their "
                       "names in results.json) instead of stopping with an error naming the first one.")
     flags.DEFINE_integer("chunk_size", None, "Sensitivity-sweep configurations vmapped together (default 1 on CPU, 8 else).")
+
+
+def define_bits_flags(default_bits: int, *, bits_json: bool = False) -> None:
+    """The flags of a uniform policy's widths (and of a per-layer table from a results.json)."""
+    flags.DEFINE_integer("bits", default_bits, "Weight and activation bits (overridden by --w_bits / --a_bits).")
+    flags.DEFINE_integer("w_bits", None, "Weight bits (default --bits).")
+    flags.DEFINE_integer("a_bits", None, "Activation bits (default --bits).")
+    flags.DEFINE_integer("keep_first_last_bits", 8, "Bits of the first and last layer; 0 = no exception.")
+    if bits_json:
+        flags.DEFINE_string("bits_json", None, "A ptq/mixed results.json whose per-layer 'bits' become the policy.")
 
 
 def define_reconstruction_flags() -> None:
@@ -208,6 +219,17 @@ class Workload:
             policy = ptq.build_policy(self.calls, config)
         return ptq.with_clips(policy, stats, config)
 
+    def calibrated_with_bits(self, stats: dict, config: ptq.PTQConfig, bits: dict[str, tuple[int, int]] | None, *,
+                             flag: str = "--bits_json") -> dict:
+        """The calibrated policy of ``config``, with per-layer ``bits`` (:func:`read_bits_json`) if given."""
+        policy = self.calibrated(stats, config)
+        if bits is not None:
+            unknown = [n for n in bits if n not in policy]
+            if unknown:
+                raise ValueError(f"{flag} names layers this model lacks: {', '.join(unknown[:5])}")
+            policy = self.calibrated(stats, config, policy=policy_lib.set_bits(policy, bits))
+        return policy
+
     def _evaluate(self, evaluator, state, label: str) -> dict:
         result = evaluator(state, self.eval_batches(), batch_size=self.config.batch_size,
                            num_classes=self.num_classes,
@@ -350,6 +372,18 @@ class Workload:
         return second_order.estimate(self.model, self.variables, base, self.calib_batches(), layers=layers,
                                      bits=bits, method=method, micro_batch=micro_batch,
                                      on_batch=lambda n: progress({"images": n}))
+
+
+def read_bits_json(path: str) -> dict[str, tuple[int, int]]:
+    """``{layer: (w_bits, a_bits)}`` of a ptq/mixed results.json (layers not quantized keep 8 bits
+    and stay disabled by their policy entry)."""
+    try:
+        with open(path) as f:
+            table = json.load(f)["bits"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--bits_json={path} is not a ptq/mixed results.json with a 'bits' table "
+                         f"({type(e).__name__}: {e})") from None
+    return {name: (entry["w"] or 8, entry["a"] or 8) for name, entry in table.items()}
 
 
 def check_classes(source: data.ImageSource, num_classes: int, *, flag: str) -> None:

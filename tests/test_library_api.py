@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def readme_example(index: int = 0) -> str:
     """Python block ``index`` of the README's "Quantize your own Flax model" (0: Linen, 1: QAT of the
-    Linen model, 2: NNX)."""
+    Linen model, 2: NNX, 3: the Linen model on integers)."""
     with open(os.path.join(ROOT, "README.md")) as f:
         text = f.read()
     section = text.split("## Quantize your own Flax model", 1)[1].split("\n## ", 1)[0]
@@ -50,6 +50,23 @@ def test_readme_qat_of_your_own_model_runs_and_beats_round_to_nearest(capsys):
     assert qat_result["num_images"] == 256 and qat_result["top1"] > ptq_result["top1"], (ptq_result, qat_result)
     assert "W4A4 after QAT agrees with FP32 on" in capsys.readouterr().out
     assert eqjax.bits_table(namespace["trained"].policy) == eqjax.bits_table(namespace["policy"])
+
+
+def test_readme_integer_deployment_of_your_own_model_runs(capsys, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from eqjax.deploy import onnx_export
+
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(readme_example(0), "README.md", "exec"), namespace)
+    exec(compile(readme_example(3), "README.md", "exec"), namespace)
+    assert "the integer forward agrees with fake quantization on" in capsys.readouterr().out
+    images = namespace["images"][:128]
+    reference = namespace["apply_fn"](namespace["state"], images)
+    assert np.mean(np.argmax(namespace["logits"], -1) == np.argmax(reference, -1)) >= 0.99
+    assert namespace["size"] == os.path.getsize(tmp_path / "small_cnn.safetensors")
+    onnx_logits = onnx_export.session(str(tmp_path / "small_cnn.onnx")).run(None, {"images": images})[0]
+    assert np.mean(np.argmax(onnx_logits, -1) == np.argmax(reference, -1)) >= 0.99
 
 
 def test_readme_quantize_your_own_nnx_model_runs(capsys):

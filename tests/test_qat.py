@@ -337,7 +337,7 @@ def test_bits_json_reads_a_mixed_allocation_and_refuses_other_files(tmp_path):
     path = tmp_path / "mixed.json"
     path.write_text(json.dumps({"bits": {"conv1": {"w": 8, "a": 8}, "layer1.0.conv1": {"w": 2, "a": 6},
                                          "attn.qk_matmul": {"w": None, "a": 4}}}))
-    assert qat_script.read_bits_json(str(path)) == {"conv1": (8, 8), "layer1.0.conv1": (2, 6), "attn.qk_matmul": (8, 4)}
+    assert workload_lib.read_bits_json(str(path)) == {"conv1": (8, 8), "layer1.0.conv1": (2, 6), "attn.qk_matmul": (8, 4)}
     (tmp_path / "other.json").write_text(json.dumps({"top1": 3}))
     with pytest.raises(ValueError, match="other.json is not a ptq/mixed results.json with a 'bits' table"):
-        qat_script.read_bits_json(str(tmp_path / "other.json"))
+        workload_lib.read_bits_json(str(tmp_path / "other.json"))
