@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
@@ -53,6 +53,26 @@ def staged_directory(directory: str) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def write_atomic(path: str, write: Callable[[str], None]) -> str:
+    """``write(temporary path)`` in ``path``'s folder, then a rename onto ``path`` (never half-written
+    under its name), with an ordinary file's permissions (``mkstemp`` makes 0600); returns ``path``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=os.path.splitext(path)[1], dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
 
 
 def save(directory: str | os.PathLike, variables: Any, *, model: str, num_classes: int,

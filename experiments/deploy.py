@@ -42,7 +42,7 @@ import numpy as np
 from absl import flags
 
 from eqjax import ptq
-from eqjax.algorithms import energy, metrics, qat, reconstruction as reconstruction_lib
+from eqjax.algorithms import energy, metrics, reconstruction as reconstruction_lib
 from eqjax.deploy import artifact as artifact_lib, integer, onnx_export
 from eqjax.quant import intercept, policy as policy_lib
 from experiments import common, workload as workload_lib
@@ -119,10 +119,7 @@ def quantized_source(config: DeployRunConfig, work: workload_lib.Workload, out: 
     """``(variables, policy, integer weights, info)`` of the model to deploy: a QAT result, a
     reconstruction, or round-to-nearest under the calibrated policy."""
     if config.qat_state:
-        loaded = qat.load(config.qat_state)
-        if loaded.info.get("model") != work.spec.name:
-            raise ValueError(f"--qat_state={config.qat_state} holds a {loaded.info.get('model')} model, "
-                             f"not --model={work.spec.name}")
+        loaded = work.load_qat_state(config.qat_state)
         weights = artifact_lib.integer_weights(loaded.variables, loaded.policy, weight_scales=loaded.weight_scales)
         return loaded.variables, loaded.policy, weights, {"method": "qat", "state": os.path.abspath(config.qat_state)}
     bits = workload_lib.read_bits_json(config.bits_json) if config.bits_json else None

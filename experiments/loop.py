@@ -116,6 +116,20 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], directory: s
                          f"({listing}); use the same flags or another --workdir")
 
 
+def resume(checkpoints: Checkpoints, state: Any, fingerprint: dict[str, Any], *, asked: bool) -> tuple[Any, list]:
+    """``(state, curve)`` from the newest checkpoint when there is one (after
+    :func:`check_resumable` against ``fingerprint``), else ``(state, [])``; ``asked``: whether
+    ``--resume`` was given, to say that there was nothing to resume from."""
+    if checkpoints.latest() is not None:
+        state, meta = checkpoints.restore(state)
+        check_resumable(meta["config"], fingerprint, checkpoints.directory)
+        common.log(f"resumed from step {int(state.step)} of {checkpoints.directory}")
+        return state, meta["curve"]
+    if asked:
+        common.log(f"--resume: no checkpoint in {checkpoints.directory} yet, starting from scratch")
+    return state, []
+
+
 def fit(state: Any, step_fn: Callable, images: np.ndarray, labels: np.ndarray, *, batch_size: int, epochs: int,
         seed: int, checkpoints: Checkpoints, meta: Callable[[], dict], evaluate: Callable[[Any], dict],
         curve: list, learning_rate: Callable[[int], Any], batch_sharding: Any, log_every: int,

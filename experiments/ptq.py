@@ -102,10 +102,7 @@ def _plot(path, result, bits):
 
 def _load_qat_state(path: str, work: workload_lib.Workload) -> tuple[ptq.QuantizedState, dict]:
     """The quantized state that experiments.qat saved in ``path``, checked against the workload's model."""
-    loaded = qat.load(path)
-    if loaded.info.get("model") != work.spec.name:
-        raise ValueError(f"--qat_state={path} holds a {loaded.info.get('model')} model, not --model={work.spec.name}")
-    policy_lib.validate(loaded.policy, dict.fromkeys(c.name for c in work.calls))
+    loaded = work.load_qat_state(path)
     work.log(f"loaded the {loaded.info.get('method')} model of {path} (reported top-1 {loaded.info.get('top1')})")
     bits = policy_lib.bits_table(loaded.policy)
     # The body's widths (the most common ones; the first/last layers and mixed allocations differ).

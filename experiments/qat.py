@@ -282,14 +282,7 @@ def _run(config: QatRunConfig, out: str, checkpoints: loop.Checkpoints, started:
         training.make_optimizer(config.optimizer, schedule, weight_decay=config.weight_decay),
         training.make_optimizer(config.optimizer, step_schedule, weight_decay=0.0))
     state = qat.init_state(start, optimizer)
-    curve: list[dict[str, Any]] = []
-    if checkpoints.latest() is not None:
-        state, meta = checkpoints.restore(state)
-        loop.check_resumable(meta["config"], _fingerprint(config), checkpoints.directory)
-        curve = meta["curve"]
-        common.log(f"resumed from step {int(state.step)} of {checkpoints.directory}")
-    elif config.resume:
-        common.log(f"--resume: no checkpoint in {checkpoints.directory} yet, starting from scratch")
+    state, curve = loop.resume(checkpoints, state, _fingerprint(config), asked=config.resume)
 
     mesh = metrics.data_mesh()
     replicated = NamedSharding(mesh, PartitionSpec())

@@ -277,14 +277,7 @@ def _train(config, spec, out, checkpoints, model_overrides, on_step, started):
     variables = jax.jit(model.init)(jax.random.key(config.seed),
                                     jnp.zeros(spec.example_input(1).shape, jnp.float32))
     state = training.init_state(variables, optimizer)
-    curve: list[dict[str, Any]] = []
-    if checkpoints.latest() is not None:
-        state, meta = checkpoints.restore(state)
-        loop.check_resumable(meta["config"], _fingerprint(config), checkpoints.directory)
-        curve = meta["curve"]
-        common.log(f"resumed from step {int(state.step)} of {checkpoints.directory}")
-    elif config.resume:
-        common.log(f"--resume: no checkpoint in {checkpoints.directory} yet, starting from scratch")
+    state, curve = loop.resume(checkpoints, state, _fingerprint(config), asked=config.resume)
 
     mesh = metrics.data_mesh()
     state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))

@@ -20,7 +20,7 @@ from absl import flags
 
 from eqjax import data, models, ptq
 from eqjax.quant import calibration, folding, numerics, policy as policy_lib
-from eqjax.algorithms import energy, metrics, reconstruction, second_order
+from eqjax.algorithms import energy, metrics, qat, reconstruction, second_order
 from experiments import common
 
 FLAGS = flags.FLAGS
@@ -229,6 +229,15 @@ class Workload:
                 raise ValueError(f"{flag} names layers this model lacks: {', '.join(unknown[:5])}")
             policy = self.calibrated(stats, config, policy=policy_lib.set_bits(policy, bits))
         return policy
+
+    def load_qat_state(self, path: str) -> qat.QatResult:
+        """The trained quantized model that experiments.qat saved in ``path`` (``--qat_state``),
+        checked against this workload's model and layers."""
+        loaded = qat.load(path)
+        if loaded.info.get("model") != self.spec.name:
+            raise ValueError(f"--qat_state={path} holds a {loaded.info.get('model')} model, not --model={self.spec.name}")
+        policy_lib.validate(loaded.policy, dict.fromkeys(c.name for c in self.calls))
+        return loaded
 
     def _evaluate(self, evaluator, state, label: str) -> dict:
         result = evaluator(state, self.eval_batches(), batch_size=self.config.batch_size,

@@ -15,8 +15,7 @@ from eqjax import models
 from eqjax.deploy import artifact as artifact_lib, integer, onnx_export, packing
 from eqjax.quant import apply
 from tests.random_init import random_batch_norms
-
-TINY_VIT = dict(depth=2, embed_dim=32, num_heads=2)
+from tests.test_vit_quant import TINY_VIT
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])

@@ -46,7 +46,7 @@ from eqjax.quant.policy import LayerQuant, Policy
 
 METHODS = ("adaround", "brecq", "qdrop")
 
-__all__ = ["METHODS", "ReconstructionConfig", "Unit", "ReconstructionResult", "find_units", "reconstruct",
+__all__ = ["METHODS", "ReconstructionConfig", "Unit", "ReconstructionResult", "find_units", "reconstruct", "integer_kernel",
            "fisher_weights", "quantized_variables", "save", "load"]
 
 
@@ -556,16 +556,23 @@ def _optimize(step, state, unit_args, x_q, x_fp, target, fisher, *, key, rng, ba
     return state, None, key
 
 
+def integer_kernel(kernel: jax.Array, scale: jax.Array, up: Any, lq: LayerQuant) -> jax.Array:
+    """``clamp(floor(w/s) + up, q_min, q_max)`` (float32, kernel shape): a reconstructed kernel's
+    integers for its flat per-channel ``scale`` [out] and rounding ``up`` (0/1, kernel shape)."""
+    scale = _channel_scale(jnp.asarray(scale, jnp.float32), kernel, lq)
+    q_min, q_max = (jnp.reshape(q, (1,) * kernel.ndim) for q in numerics.quant_range(lq.w_bits))
+    base = jnp.floor(numerics._scaled(jnp.asarray(kernel, jnp.float32), scale))
+    return jnp.clip(base + jnp.asarray(up, jnp.float32), q_min, q_max)
+
+
 def quantized_variables(variables: Mapping, policy: Mapping[str, LayerQuant],
                         rounding: Mapping[str, np.ndarray], weight_scales: Mapping[str, np.ndarray]) -> dict:
     """The model's variables with each reconstructed kernel ``s · clamp(floor(w/s) + up, q_min, q_max)``."""
     out = dict(variables)
     for name, up in rounding.items():
         kernel = intercept.module_variables(variables, name)["kernel"]
-        scale = _channel_scale(jnp.asarray(weight_scales[name]), kernel, policy[name])
-        q_min, q_max = (jnp.reshape(q, (1,) * kernel.ndim) for q in numerics.quant_range(policy[name].w_bits))
-        base = jnp.floor(numerics._scaled(kernel.astype(jnp.float32), scale))
-        quantized = jnp.clip(base + jnp.asarray(up, jnp.float32), q_min, q_max) * scale
+        q = integer_kernel(kernel, weight_scales[name], up, policy[name])
+        quantized = q * _channel_scale(jnp.asarray(weight_scales[name]), kernel, policy[name])
         out = intercept.replace_module_variable(out, name, "kernel", quantized.astype(kernel.dtype))
     return out
 

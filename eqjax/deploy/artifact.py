@@ -23,8 +23,7 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import flax
 import flax.linen as nn
@@ -32,12 +31,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eqjax.checkpoint import write_atomic
 from eqjax.deploy import packing
+from eqjax.algorithms import reconstruction
 from eqjax.quant import apply, folding, intercept, numerics, policy as policy_lib
 from eqjax.quant.policy import UNIFORM, LayerQuant
 
 __all__ = ["FORMAT", "IntegerLayer", "IntegerArtifact", "integer_weights", "build", "float_artifact", "save",
-           "load", "check_matches", "write_atomic"]
+           "load", "check_matches"]
 
 FORMAT = "eqjax-integer-artifact/1"
 INTEGER_KINDS = ("conv", "dense", "matmul")
@@ -122,8 +123,7 @@ def integer_weights(variables: Mapping, policy: Mapping[str, LayerQuant], *, wei
         scale_b = scale.reshape(apply.channel_shape(kernel.shape, axes))
         q_min, q_max = (q.reshape((1,) * kernel.ndim) for q in numerics.quant_range(lq.w_bits))
         if name in rounding:
-            base = jnp.floor(numerics._scaled(kernel, scale_b))
-            q = jnp.clip(base + jnp.asarray(rounding[name], jnp.float32), q_min, q_max)
+            q = reconstruction.integer_kernel(kernel, scale, rounding[name], lq)
         else:
             q = numerics._integer_grid(kernel, scale_b, q_min, q_max)
         out[name] = (np.asarray(q).astype(np.int8), np.asarray(scale, np.float32))
@@ -268,25 +268,6 @@ def _unflatten(flat: Mapping[str, np.ndarray], prefix: str) -> dict:
 def _digest(array: np.ndarray) -> str:
     header = f"{array.dtype.str}{list(array.shape)}".encode()
     return hashlib.sha256(header + np.ascontiguousarray(array).tobytes()).hexdigest()
-
-
-def write_atomic(path: str, write: Callable[[str], None]) -> None:
-    """``write(temporary path)`` in ``path``'s folder, then a rename onto ``path`` (never half-written
-    under its name), with an ordinary file's permissions."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=os.path.splitext(path)[1], dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def save(path: str, artifact: IntegerArtifact) -> int:

@@ -122,18 +122,8 @@ def dequantized_variables(artifact: IntegerArtifact, layers: Mapping[str, Intege
         if layer.weight is not None:
             weight = jnp.asarray(layer.weight, jnp.float32)
             kernel = weight * jnp.reshape(jnp.asarray(layer.w_scale, jnp.float32), (1,) * (weight.ndim - 1) + (-1,))
-            out = _with_kernel(out, name, kernel)
+            out = intercept.replace_module_variable(out, name, "kernel", kernel, create=True)
     return out
-
-
-def _with_kernel(variables: Mapping, name: str, kernel: jax.Array) -> dict:
-    params = dict(variables["params"])
-    node, parts = params, name.split(".")
-    for part in parts[:-1]:
-        node[part] = dict(node[part])
-        node = node[part]
-    node[parts[-1]] = {**node.get(parts[-1], {}), "kernel": kernel}
-    return {**variables, "params": params}
 
 
 def integer_logits_fn(model: nn.Module, *, accumulators: dict | None = None

@@ -422,17 +422,19 @@ def module_variables(tree: Mapping, name: str, *, collection: str | None = "para
 
 
 def replace_module_variable(tree: Mapping, name: str, leaf: str, value: Any, *,
-                            collection: str = "params") -> dict:
+                            collection: str = "params", create: bool = False) -> dict:
     """A copy of variables ``tree`` with ``tree[collection][name...][leaf] = value``
-    (untouched branches shared). Raises KeyError when the module has no such variable."""
+    (untouched branches shared). Raises KeyError when the module has no such variable, unless
+    ``create``: then the missing branches are added (an integer artifact's variables lack the
+    kernels its integer layers hold)."""
     path = (collection, *(name.split(".") if name else ()), leaf)
 
     def replace(node, depth):
         key = path[depth]
-        if not isinstance(node, Mapping) or key not in node:
+        if not isinstance(node, Mapping) or (key not in node and not create):
             raise KeyError(f"no variable {'/'.join(path)} in the model")
         new = dict(node)
-        new[key] = value if depth == len(path) - 1 else replace(node[key], depth + 1)
+        new[key] = value if depth == len(path) - 1 else replace(node.get(key, {}), depth + 1)
         return new
 
     return replace(tree, 0)
