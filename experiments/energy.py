@@ -11,7 +11,6 @@ mixed results.json). Presets: paper, horowitz45nm, horowitz45nm_sram; or --energ
 from __future__ import annotations
 
 import dataclasses
-import json
 
 from absl import flags
 
@@ -39,8 +38,7 @@ def define_flags() -> None:
 
 
 def read_bits(path: str) -> dict:
-    with open(path) as f:
-        payload = json.load(f)
+    payload = common.read_results_json(path, flag="--bits_json")
     return payload.get("bits", payload)
 
 
@@ -82,13 +80,21 @@ class EnergyRunConfig:
         models.get(self.model)
 
 
+def _energy_model(energy_json: str | None, preset: str) -> energy.EnergyModel:
+    if not energy_json:
+        return energy.get_preset(preset)
+    try:
+        return energy.load_energy_model(energy_json)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--energy_json={energy_json}: {e}") from None
+
+
 def config_from_flags() -> EnergyRunConfig:
     return EnergyRunConfig(
         model=FLAGS.model, w_bits=FLAGS.w_bits if FLAGS.w_bits is not None else FLAGS.bits,
         a_bits=FLAGS.a_bits if FLAGS.a_bits is not None else FLAGS.bits,
         keep_first_last_bits=FLAGS.keep_first_last_bits or None, bits_json=FLAGS.bits_json,
-        energy_model=(energy.load_energy_model(FLAGS.energy_json) if FLAGS.energy_json
-                      else energy.get_preset(FLAGS.preset)),
+        energy_model=_energy_model(FLAGS.energy_json, FLAGS.preset),
         num_classes=FLAGS.num_classes, batch_size=FLAGS.batch_size, workdir=FLAGS.workdir)
 
 

@@ -5,8 +5,6 @@ epoch end, orbax checkpoints that a killed run resumes from exactly.
 
 from __future__ import annotations
 
-import contextlib
-import logging as std_logging
 import os
 import time
 from typing import Any, Callable
@@ -15,6 +13,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from eqjax import storage
 from experiments import common
 
 CHECKPOINTS_KEPT = 2
@@ -30,23 +29,10 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-@contextlib.contextmanager
-def _quiet_orbax_errors():
-    """Orbax and asyncio log a traceback per failed read of a corrupt checkpoint; the caller
-    reports the failure in one line instead."""
-    loggers = [std_logging.getLogger(n) for n in ("asyncio", "absl")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(std_logging.CRITICAL)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
 class Checkpoints:
-    """Orbax checkpoints of the train state plus the run's config and curve (JSON)."""
+    """Orbax checkpoints of the train state plus the run's config and curve (JSON). The JSON also
+    holds the digests of every array of the state and of itself (:mod:`eqjax.storage`), checked
+    on restore: a checkpoint reads back as written or counts as corrupt."""
 
     def __init__(self, directory: str):
         self.directory = directory
@@ -61,13 +47,14 @@ class Checkpoints:
         step = int(state.step)
         if step in self.manager.all_steps():
             return
+        state = jax.tree_util.tree_map(np.array, jax.device_get(state))  # a copy the async write owns
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        meta=ocp.args.JsonSave(meta)))
+                                                        meta=ocp.args.JsonSave(storage.with_integrity(meta, state))))
 
     def restore(self, template: Any) -> tuple[Any, dict[str, Any]]:
-        """The newest intact checkpoint. A corrupt newer one is reported in one line and moved to
-        ``corrupt_checkpoints/`` beside the checkpoints (kept for inspection, out of the way of
-        the steps this run saves again).
+        """The newest intact checkpoint (readable, and matching its digests). A corrupt newer one is
+        reported in one line and moved to ``corrupt_checkpoints/`` beside the checkpoints (kept
+        for inspection, out of the way of the steps this run saves again).
 
         Raises:
           ValueError: no checkpoint can be restored.
@@ -75,10 +62,12 @@ class Checkpoints:
         failures: list[tuple[int, str]] = []  # (step, reason)
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
-                with _quiet_orbax_errors():
+                with storage.quiet_orbax_errors():
                     restored = self.manager.restore(step, args=ocp.args.Composite(
                         state=ocp.args.StandardRestore(jax.tree_util.tree_map(np.asarray, template)),
                         meta=ocp.args.JsonRestore()))
+                meta = storage.check_integrity(restored["meta"], restored["state"],
+                                               where=os.path.join(self.directory, str(step)))
             except Exception as e:  # orbax raises many types for missing/corrupt/mismatched files
                 reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]
                 failures.append((step, reason))
@@ -87,7 +76,7 @@ class Checkpoints:
             if failures:
                 self._set_aside([s for s, _ in failures])
                 common.log(f"resuming from the newest intact checkpoint, step {step}")
-            return restored["state"], restored["meta"]
+            return restored["state"], meta
         listing = "; ".join(f"step {s}: {reason}" for s, reason in failures)
         raise ValueError(f"no intact checkpoint in {self.directory} ({listing}); "
                          "start again in another --workdir")

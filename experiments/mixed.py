@@ -19,7 +19,6 @@ Evaluates like experiments.ptq; writes WORKDIR/mixed/results.json and mixed.png.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from typing import Any, Callable
 
@@ -151,8 +150,7 @@ def config_from_flags() -> MixedRunConfig:
 
 def _load_sensitivity(path, model, layers, *, need_separate: bool):
     """``(SensitivityResult, SecondOrderResult or None)`` from an experiments.sensitivity results.json."""
-    with open(path) as f:
-        payload = json.load(f)
+    payload = common.read_results_json(path, flag="--sensitivity_json")
     if payload.get("model") != model:
         raise ValueError(f"--sensitivity_json={path} is for model {payload.get('model')!r}, not {model!r}")
     s = payload["sensitivity"]
@@ -294,7 +292,7 @@ def run(config: MixedRunConfig, *, log: Callable[[str], None] = common.log) -> d
         "wall_times_s": {"calibration": calibration_s, "fp32_eval": fp32["seconds"],
                          "quantized_eval": quant["seconds"], "total": time.perf_counter() - started},
     })
-    if budget is not None and result["energy"]["relative"] > budget + 1e-9:
+    if budget is not None and result["energy"]["relative"] > budget:  # the allocators hold it exactly
         raise AssertionError(f"allocation exceeds the budget: {result['energy']['relative']} > {budget}")
     _plot(f"{out}/mixed.png", {n: bits[n] for n in layers}, f"{work.spec.name}: mixed precision ({config.strategy})")
     result["results_path"] = common.write_json_atomic(f"{out}/results.json", result)

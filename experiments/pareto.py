@@ -14,7 +14,6 @@ adds its round-to-nearest start at the same widths.
 from __future__ import annotations
 
 import glob
-import json
 
 from absl import flags
 
@@ -70,8 +69,7 @@ def load_points(patterns) -> list[dict]:
         raise FileNotFoundError(f"no results.json matches {', '.join(patterns)}")
     points = []
     for path in paths:
-        with open(path) as f:
-            result = json.load(f)
+        result = common.read_results_json(path, flag="--results")
         missing = [k for k in ("model", "top1", "fp32_top1", "energy") if result.get(k) is None]
         if missing:
             raise ValueError(f"{path} lacks {', '.join(missing)} (not a ptq/mixed result with energy)")

@@ -9,7 +9,6 @@ everything else takes a config, so every script runs in-process from a test.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import time
@@ -172,6 +171,7 @@ class Workload:
     num_classes: int
     preprocessing: models.Preprocessing
     weights_source: str
+    preprocessing_source: str
     calls: list
     eval_source: Any
     eval_indices: np.ndarray
@@ -313,6 +313,9 @@ class Workload:
                      f"{len(images)} calibration images")
 
             def report(p):
+                if p.get("discarded"):
+                    self.log(f"  WARNING: {p['discarded']}; moved it to {p['moved_to']} and reconstructing "
+                             "from the first unit")
                 if p.get("resumed"):
                     self.log(f"  resuming after unit {p['index']}/{p['units']} from {p['path']}")
                 if p.get("done"):
@@ -349,7 +352,8 @@ class Workload:
         return {"experiment": experiment, "model": self.spec.name, "weights": self.weights_source,
                 "num_classes": self.num_classes,
                 "config": {**dataclasses.asdict(self.config), **config},
-                "preprocessing": self.preprocessing.to_dict(), "environment": common.environment(),
+                "preprocessing": self.preprocessing.to_dict(), "preprocessing_source": self.preprocessing_source,
+                "environment": common.environment(),
                 "num_eval_images": int(len(self.eval_indices)) - self._skipped("eval"),
                 "num_calib_images": int(len(self.calib_indices)) - self._skipped("calib"),
                 "skipped_images": list(self.skipped_images)}
@@ -386,12 +390,10 @@ class Workload:
 def read_bits_json(path: str) -> dict[str, tuple[int, int]]:
     """``{layer: (w_bits, a_bits)}`` of a ptq/mixed results.json (layers not quantized keep 8 bits
     and stay disabled by their policy entry)."""
-    try:
-        with open(path) as f:
-            table = json.load(f)["bits"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"--bits_json={path} is not a ptq/mixed results.json with a 'bits' table "
-                         f"({type(e).__name__}: {e})") from None
+    what = "a ptq/mixed results.json with a 'bits' table"
+    table = common.read_results_json(path, flag="--bits_json", what=what).get("bits")
+    if not isinstance(table, dict):
+        raise ValueError(f"--bits_json={path} is not {what}")
     return {name: (entry["w"] or 8, entry["a"] or 8) for name, entry in table.items()}
 
 
@@ -429,7 +431,7 @@ def open_workload(config: WorkloadConfig, *, log: Callable[[str], None] = common
     calib_idx = data.calibration_indices(calib_source, calib_num, seed=config.seed, eval_source=eval_source,
                                          eval_indices=eval_idx, name="--calib_images")
     log(f"loading weights {weights} for {spec.name}")
-    variables, num_classes, pre, source = common.load_weights(spec.name, weights)
+    variables, num_classes, pre, source, pre_source = common.load_weights(spec.name, weights)
     if weights != "random":  # random weights: a smoke test, any labels do
         check_classes(eval_source, num_classes, flag=f"--dataset={config.dataset}")
     labels = eval_source.labels[eval_idx]
@@ -437,4 +439,4 @@ def open_workload(config: WorkloadConfig, *, log: Callable[[str], None] = common
         raise ValueError(f"--dataset={config.dataset} has labels in [{labels.min()}, {labels.max()}], "
                          f"but the model has {num_classes} classes")
     return Workload(config, spec, spec.build(num_classes=num_classes), variables, num_classes, pre, source,
-                    spec.trace(num_classes=num_classes), eval_source, eval_idx, calib_source, calib_idx, log)
+                    pre_source, spec.trace(num_classes=num_classes), eval_source, eval_idx, calib_source, calib_idx, log)

@@ -6,7 +6,9 @@ partial output. Cases run in-process where the library API allows, plus a few re
 """
 
 import io
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -114,8 +116,12 @@ def test_statistics_that_saw_nothing_raise_or_give_nan_under_jit():
     (lambda: reconstruction.ReconstructionConfig(iterations=0), "iterations must be >= 1, got 0"),
     (lambda: reconstruction.ReconstructionConfig(drop_prob=1.0), "drop_prob must be in [0, 1), got 1.0"),
     (lambda: reconstruction.ReconstructionConfig(method="gptq"), "method must be one of"),
+    (lambda: eqjax.quantize(np.ones(3, np.float32), 8, signed="yes"), "signed must be a bool or a boolean array, got 'yes'"),
+    (lambda: eqjax.quantize(np.ones(3, np.float32), 8, signed=np.int32(1)), "signed must be a bool"),
+    (lambda: calibration.update_stats(calibration.init_stats(), np.zeros((0, 3))),
+     "update_stats needs at least one value, got an empty array of shape (0, 3)"),
 ], ids=["bits1", "bits17", "negative-scale", "scale-shape", "w_bits", "a_bits", "calib_method",
-        "percentile", "iterations", "drop_prob", "method"])
+        "percentile", "iterations", "drop_prob", "method", "signed-str", "signed-int", "empty-stats"])
 def test_bad_arguments_name_the_argument_and_value(call, message):
     with pytest.raises(ValueError) as e:
         call()
@@ -375,12 +381,21 @@ def test_mixed_infeasible_budget_names_the_smallest_feasible_one(tmp_path, good_
       "--workdir={file}"], "error: --workdir={file}: cannot write results to"),
     (["experiments.sensitivity", "--model=resnet18_cifar", "--weights=/nonexistent/w.safetensors"],
      "/nonexistent/w.safetensors"),
-], ids=["ptq-bits", "ptq-truncated-tar", "mixed-budget", "train-workdir", "sensitivity-weights"])
+    (["experiments.energy", "--model=resnet18_cifar", "--energy_json={energy}"],
+     "error: --energy_json={energy}: energy model file {energy} is not JSON"),
+    (["experiments.ptq", "--model=resnet18_cifar", "--weights={notes}", "--dataset=tar:{good}",
+      "--calib_dataset=tar:{good}", "--eval_images=2", "--calib_images=2"],
+     "error: {notes} is not a readable safetensors file"),
+], ids=["ptq-bits", "ptq-truncated-tar", "mixed-budget", "train-workdir", "sensitivity-weights", "energy-json",
+        "text-safetensors"])
 def test_cli_prints_one_error_line_and_exits_2(tmp_path, good_tar, args, message):
     cut = tmp_path / "cut.tar"
     cut.write_bytes(open(good_tar, "rb").read()[:3000])
     (tmp_path / "file").write_text("x")
-    fill = dict(cut=cut, good=good_tar, file=tmp_path / "file")
+    (tmp_path / "energy.json").write_text("{mac_product: 1}")
+    (tmp_path / "notes.safetensors").write_text("notes")
+    fill = dict(cut=cut, good=good_tar, file=tmp_path / "file", energy=tmp_path / "energy.json",
+                notes=tmp_path / "notes.safetensors")
     args = [a.format(**fill) for a in args]
     if not any(a.startswith("--workdir") for a in args):
         args.append(f"--workdir={tmp_path / 'work'}")
@@ -402,11 +417,30 @@ def saved_checkpoint(tmp_path_factory):
                            model="resnet18_cifar", num_classes=4, preprocessing=spec.preprocessing)
 
 
+@pytest.mark.parametrize("fields, message", [
+    ([1, 2], "must hold a JSON object of EnergyModel fields, got a list"),
+    ({"name": "x", "unit": "pJ"}, "energy model fields ['mac_product'] are missing"),
+    ({"name": "x", "unit": "pJ", "mac_product": "cheap"}, "field 'mac_product' must be float, got 'cheap'"),
+    ({"name": "x", "unit": "pJ", "mac_product": 1, "count_inputs": "yes"}, "field 'count_inputs' must be bool"),
+    ({"name": "x", "unit": "pJ", "mac_product": 1, "joules": 2}, "unknown energy model fields ['joules']"),
+], ids=["list", "missing", "string-energy", "string-switch", "unknown"])
+def test_energy_model_files_are_checked_field_by_field(tmp_path, fields, message):
+    from eqjax.algorithms import energy
+
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(fields))
+    with pytest.raises(ValueError, match=re.escape(message)) as e:
+        energy.load_energy_model(str(path))
+    assert str(path) in str(e.value)
+    with pytest.raises(FileNotFoundError, match="no energy model file at"):
+        energy.load_energy_model(str(tmp_path / "absent.json"))
+
+
 @pytest.mark.parametrize("corrupt, message", [
     (lambda d: open(os.path.join(d, "eqjax_checkpoint.json"), "w").write("{not json"), r"is corrupt: not JSON"),
     (lambda d: open(os.path.join(d, "eqjax_checkpoint.json"), "w").write('{"format_version": 1}'),
      r"eqjax_checkpoint.json is corrupt: no model, num_classes, preprocessing"),
-    (lambda d: shutil.rmtree(os.path.join(d, "variables")), r"cannot read the variables in .*variables"),
+    (lambda d: shutil.rmtree(os.path.join(d, "variables")), r"cannot read the arrays in .*variables"),
 ], ids=["json", "fields", "variables"])
 def test_corrupt_checkpoint_names_the_file(tmp_path, saved_checkpoint, corrupt, message):
     directory = shutil.copytree(saved_checkpoint, tmp_path / "ck")

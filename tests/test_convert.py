@@ -136,6 +136,45 @@ def test_shared_cifar10_checkpoint_reaches_its_recorded_accuracy(tmp_path):
     assert abs(result["top1"] - 100 * recorded["test_top1"]) <= 0.3, result
 
 
+def test_a_raw_state_dict_takes_the_preprocessing_beside_it_or_says_that_it_uses_the_default(tmp_path, capsys):
+    from experiments import common
+
+    weights = shared_data.path("weights", "resnet18_cifar10", "resnet18_cifar10.safetensors")
+    beside = weights.replace(".safetensors", ".json")
+    recorded = json.load(open(beside))
+    loaded = common.load_weights("resnet18_cifar", weights)
+    assert loaded.preprocessing.mean == tuple(recorded["mean"]) and loaded.preprocessing.std == tuple(recorded["std"])
+    assert loaded.preprocessing_source == os.path.abspath(beside)
+    assert f"preprocessing from {beside}" in capsys.readouterr().err
+
+    lone = tmp_path / "lone.safetensors"
+    os.symlink(weights, lone)
+    loaded = common.load_weights("resnet18_cifar", str(lone))
+    said = capsys.readouterr().err
+    assert "a raw state_dict without preprocessing; using resnet18_cifar's default" in said
+    assert str(tmp_path / "lone.json") in said and "python -m weights_convert --mean" in said
+    assert loaded.preprocessing == models.get("resnet18_cifar").preprocessing
+    assert loaded.preprocessing_source.startswith("default of resnet18_cifar (no lone.json")
+
+    (tmp_path / "lone.json").write_text('{"preprocessing": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], '
+                                        '"crop_pct": 0.875}}')
+    pre = common.load_weights("resnet18_cifar", str(lone)).preprocessing
+    assert pre.mean == (0.5,) * 3 and pre.crop_pct == 0.875 and pre.input_size == 32
+    for text, message in (('{"mean": [0.5, 0.5, 0.5]}', 'needs "mean" and "std"'), ("{mean", "is not JSON"),
+                          ('{"mean": [0.5, 0.5], "std": [1, 1, 1]}', "mean and std need 3 values")):
+        (tmp_path / "lone.json").write_text(text)
+        with pytest.raises(ValueError, match=message) as e:
+            common.load_weights("resnet18_cifar", str(lone))
+        assert "lone.json" in str(e.value)
+
+
+def test_a_file_that_is_not_what_its_suffix_says_is_named(tmp_path):
+    text = tmp_path / "notes.safetensors"
+    text.write_text("these are notes, not tensors")
+    with pytest.raises(ValueError, match=r"notes.safetensors is not a readable safetensors file"):
+        weights_convert.load_state_dict(text)
+
+
 def test_lite0_package_weights_reach_the_recorded_accuracy_on_the_shared_val_images():
     """BUILD_NOTES' EfficientNet-Lite0 FP32 figure: 78.72 / 94.08 on the 1,790 shared images.
 

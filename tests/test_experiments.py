@@ -42,6 +42,7 @@ def test_ptq_end_to_end_writes_results(toy_tar, tmp_path):
                 "num_calib_images", "energy", "wall_times_s", "config", "environment"):
         assert key in results
     assert results["num_eval_images"] == 16 and results["num_calib_images"] == 8
+    assert results["preprocessing_source"] == "default of resnet18_cifar"
     assert results["bits"]["layer1.0.conv1"] == {"w": 4, "a": 8}
     assert results["bits"]["conv1"] == {"w": 8, "a": 8} and len(results["bits"]) == 21
     assert (tmp_path / "ptq" / "ptq.png").stat().st_size > 1000

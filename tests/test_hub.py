@@ -69,7 +69,7 @@ def test_fp32_logits_equal_timms_for_the_same_hub_weights(offline_hub):
     from eqjax import data, models
 
     _, timm_model = offline_hub
-    variables, num_classes, pre, source = common.load_weights("deit_tiny", "timm")
+    variables, num_classes, pre, source, _ = common.load_weights("deit_tiny", "timm")
     assert num_classes == 1000 and source.startswith("hf:timm/deit_tiny_patch16_224.fb_in1k")
     cfg = timm_model.pretrained_cfg
     assert pre == models.Preprocessing(224, tuple(cfg["mean"]), tuple(cfg["std"]), cfg["crop_pct"],
@@ -80,7 +80,7 @@ def test_fp32_logits_equal_timms_for_the_same_hub_weights(offline_hub):
     with torch.no_grad():
         theirs = timm_model(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
     np.testing.assert_allclose(ours, theirs, rtol=1e-3, atol=2e-4)
-    pinned, _, _, pinned_source = common.load_weights("deit_tiny", f"hf:timm/deit_tiny_patch16_224.fb_in1k@{REVISION}")
+    pinned, _, _, pinned_source, _ = common.load_weights("deit_tiny", f"hf:timm/deit_tiny_patch16_224.fb_in1k@{REVISION}")
     assert f"@{REVISION}" in pinned_source
     jax.tree_util.tree_map(np.testing.assert_array_equal, pinned, variables)
 

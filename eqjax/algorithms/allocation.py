@@ -114,7 +114,9 @@ def allocate(cost: Mapping[str, np.ndarray], counts: Sequence[energy_lib.LayerCo
 
     Returns:
       ``{'bits': {layer: {'w', 'a'}}, 'cost', 'usage': {kind: value}, 'budgets',
-      'slack': {kind: budget - usage}}`` (every usage <= its budget).
+      'slack': {kind: budget - usage}, 'repair'}``: every usage, recomputed for the whole policy
+      by :func:`measured_usage` (fixed layers included), is <= its budget; ``repair`` says whether
+      the solver's tolerance had to be made up for (:func:`_solve_within`).
 
     Raises:
       ValueError: no budget, an unknown kind, a budget that is not a positive number, or one
@@ -142,19 +144,95 @@ def allocate(cost: Mapping[str, np.ndarray], counts: Sequence[energy_lib.LayerCo
     if not np.all(np.isfinite(costs)):
         raise ValueError("cost table holds NaN or Inf")
     tables, fixed = _usage_tables(counts, layers, opts, fixed_bits or {}, list(budgets), energy_model)
-    for k, bound in budgets.items():
-        smallest = tables[k].min(axis=1).sum() + fixed[k]
-        if bound < smallest - 1e-12:
-            raise ValueError(f"{k} budget {bound:.6g} is below the smallest feasible value {smallest:.6g} "
+    narrowest = np.full(len(layers), opts.index((min(w for w, _ in opts), min(a for _, a in opts))))
+    measure = lambda picks: {k: measured_usage(counts, _bits_of(layers, opts, picks, fixed_bits), k, energy_model)
+                             for k in budgets}
+    for k, smallest in measure(narrowest).items():
+        if smallest > budgets[k]:
+            raise ValueError(f"{k} budget {budgets[k]:.6g} is below the smallest feasible value {smallest:.6g} "
                              f"(every layer at its cheapest of {opts})")
     # Every usage grows with both widths, so the all-narrowest allocation meets every budget
     # that it meets alone: budgets that pass the check above are jointly feasible.
-    picks = _solve(costs, [(tables[k], budgets[k] - fixed[k]) for k in budgets])
-    if picks is None:
-        raise RuntimeError("the MILP solver found no allocation although the narrowest one is feasible")
+    picks, repair = _solve_within(costs, tables, fixed, budgets, measure, narrowest)
     rows = np.arange(len(layers))
-    used = {k: float(tables[k][rows, picks].sum() + fixed[k]) for k in budgets}
-    bits = {n: {"w": opts[o][0], "a": opts[o][1]} for n, o in zip(layers, picks)}
-    return {"bits": bits, "cost": float(costs[rows, picks].sum()), "usage": used,
+    used = measure(picks)
+    return {"bits": _bits_of(layers, opts, picks, {}), "cost": float(costs[rows, picks].sum()), "usage": used,
             "budgets": {k: float(v) for k, v in budgets.items()},
-            "slack": {k: float(budgets[k] - used[k]) for k in budgets}}
+            "slack": {k: float(budgets[k] - used[k]) for k in budgets}, "repair": repair}
+
+
+def _bits_of(layers, opts, picks, fixed_bits) -> dict:
+    return {**{n: dict(b) for n, b in (fixed_bits or {}).items()},
+            **{n: {"w": opts[o][0], "a": opts[o][1]} for n, o in zip(layers, picks)}}
+
+
+def measured_usage(counts: Sequence[energy_lib.LayerCount], bits: Mapping[str, Mapping], kind: str,
+                   energy_model: energy_lib.EnergyModel) -> float:
+    """The use of a budget of ``kind`` by a whole policy's ``bits`` (every layer of ``counts``),
+    computed as the scripts report it: ``relative_energy`` by :func:`energy.relative_energy`, the
+    other kinds by summing :func:`usage` over the layers in ``counts`` order."""
+    if kind == "relative_energy":
+        return energy_lib.relative_energy(counts, bits, energy_model)
+    fp32 = sum(energy_lib.layer_energy(c, None, None, energy_model)["total"] for c in counts)
+    total_weights = sum(c.weight_elements for c in counts) or 1
+    return float(sum(usage(c, bits[c.name]["w"], bits[c.name]["a"], kind, energy_model=energy_model,
+                           fp32_energy=fp32, total_weights=total_weights) for c in counts))
+
+
+RESOLVES = 4
+
+
+def _solve_within(costs, tables, fixed, budgets, measure, narrowest) -> tuple[np.ndarray, dict]:
+    """The MILP's picks, held to every budget as :func:`measured_usage` recomputes it.
+
+    HiGHS accepts a constraint violated by up to its feasibility tolerance (1e-7, absolute), so
+    an optimum may overshoot a budget by that much. Each overshoot tightens that budget's bound by
+    the overshoot (plus 1e-12 relative) and solves again, up to :data:`RESOLVES` times; if one still
+    overshoots, the layer whose narrower option costs the least per unit of usage saved steps
+    down (to an option that uses no more of any budget) until every budget holds; the
+    all-narrowest picks hold them all, so this ends. Returns the picks and
+    ``{'resolves', 'steps_down', 'overshoot'}`` (the first solve's largest overshoot per kind).
+    """
+    margin = {k: 0.0 for k in budgets}
+    first_overshoot: dict[str, float] = {}
+    resolves = 0
+    while True:
+        picks = _solve(costs, [(tables[k], budgets[k] - fixed[k] - margin[k]) for k in budgets])
+        if picks is None:  # the tightened bounds left nothing: fall back to stepping down
+            picks = narrowest.copy()
+            break
+        over = {k: u - budgets[k] for k, u in measure(picks).items() if u > budgets[k]}
+        if not first_overshoot:
+            first_overshoot = dict(over)
+        if not over or resolves == RESOLVES:
+            break
+        for k, amount in over.items():
+            margin[k] += amount + 1e-12 * abs(budgets[k])
+        resolves += 1
+    picks, steps = step_down(picks, costs, tables, measure, budgets)
+    return picks, {"resolves": resolves, "steps_down": steps, "overshoot": first_overshoot}
+
+
+def step_down(picks: np.ndarray, costs: np.ndarray, tables: Mapping[str, np.ndarray], measure, budgets: Mapping[str, float]
+              ) -> tuple[np.ndarray, int]:
+    """``(picks, steps)``: ``picks`` (option per layer) moved, one layer at a time, to the option
+    that saves the most overshot budget's usage per unit of extra cost and uses no more of any
+    budget, until ``measure(picks)`` (``{kind: usage}``) is within every budget. ``tables``:
+    ``{kind: [layers, options] usage}``. Ends as long as the all-narrowest picks are within."""
+    steps = 0
+    rows = np.arange(len(picks))
+    while True:
+        over = {k: u - budgets[k] for k, u in measure(picks).items() if u > budgets[k]}
+        if not over:
+            return picks, steps
+        kind = max(over, key=over.get)
+        saved = {k: t[rows, picks][:, None] - t for k, t in tables.items()}  # per layer and option
+        allowed = (saved[kind] > 0) & np.all([v >= 0 for v in saved.values()], axis=0)  # no budget grows
+        if not allowed.any():
+            raise RuntimeError(f"cannot bring {kind} within its budget {budgets[kind]:.6g}")
+        extra = costs - costs[rows, picks][:, None]
+        ratio = np.where(allowed, np.maximum(extra, 0) / np.where(allowed, saved[kind], 1), np.inf)
+        layer, option = np.unravel_index(np.argmin(ratio), ratio.shape)
+        picks = picks.copy()
+        picks[layer] = option
+        steps += 1

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -152,13 +153,38 @@ def get_preset(name: str) -> EnergyModel:
 
 
 def load_energy_model(path: str) -> EnergyModel:
-    """A user-defined model from JSON with :class:`EnergyModel`'s fields."""
-    with open(path) as f:
-        fields = json.load(f)
-    known = {f.name for f in dataclasses.fields(EnergyModel)}
-    unknown = sorted(set(fields) - known)
+    """A user-defined model from a JSON object with :class:`EnergyModel`'s fields.
+
+    Raises:
+      FileNotFoundError: no file at ``path``.
+      ValueError: a file that is not a JSON object, unknown or missing fields, or values of the
+        wrong type (each names the file and the field).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no energy model file at {path}")
+    try:
+        with open(path) as f:
+            fields = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"energy model file {path} is not JSON ({e})") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"energy model file {path} must hold a JSON object of EnergyModel fields, "
+                         f"got a {type(fields).__name__}")
+    known = {f.name: f for f in dataclasses.fields(EnergyModel)}
+    unknown = sorted(set(fields) - set(known))
     if unknown:
         raise ValueError(f"{path}: unknown energy model fields {unknown}; known: {sorted(known)}")
+    required = [n for n, f in known.items() if f.default is dataclasses.MISSING and n not in fields]
+    if required:
+        raise ValueError(f"{path}: energy model fields {required} are missing")
+    for name, value in fields.items():
+        kind = known[name].type
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = {"str": isinstance(value, str), "bool": isinstance(value, bool), "float": number,
+              "float | None": number or value is None}[kind]
+        if not ok:
+            raise ValueError(f"{path}: energy model field {name!r} must be {kind.replace(' | None', ' or null')}, "
+                             f"got {value!r}")
     return EnergyModel(**fields)
 
 

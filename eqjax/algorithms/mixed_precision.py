@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from eqjax.algorithms import energy as energy_lib
+from eqjax.algorithms import allocation, energy as energy_lib
 from eqjax.quant import numerics
 
 STUDY_PERCENTILE_BITS = ((75.0, 8), (25.0, 6), (0.0, 4))
@@ -76,9 +76,11 @@ def _layer_energies(counts: Sequence[energy_lib.LayerCount], fixed_bits: Mapping
 
 
 def minimum_budget(counts, fixed_bits, layers, bit_set, model) -> float:
-    """The smallest feasible relative energy: every layer at its cheapest bit width."""
-    table, fixed, fp32 = _layer_energies(counts, fixed_bits, layers, bit_set, model)
-    return float((table.min(axis=1).sum() + fixed) / fp32)
+    """The smallest feasible relative energy (by :func:`energy.relative_energy`): every layer of
+    ``layers`` at its narrowest width of ``bit_set``, the others at ``fixed_bits``."""
+    b = min(bit_set)
+    bits = {**{n: dict(v) for n, v in fixed_bits.items()}, **{n: {"w": b, "a": b} for n in layers}}
+    return float(energy_lib.relative_energy(counts, bits, model))
 
 
 def budget_bits(cost: Mapping[str, Sequence[float]], counts: Sequence[energy_lib.LayerCount], *,
@@ -121,7 +123,7 @@ def budget_bits(cost: Mapping[str, Sequence[float]], counts: Sequence[energy_lib
     if absent:
         raise ValueError(f"layers with neither cost nor fixed bits: {', '.join(absent)}")
     table, fixed, fp32 = _layer_energies(counts, fixed_bits, layers, bit_set, model)
-    smallest = (table.min(axis=1).sum() + fixed) / fp32
+    smallest = minimum_budget(counts, fixed_bits, layers, bit_set, model)
     if budget < smallest:
         raise ValueError(f"budget {budget:.4f} is below the smallest feasible relative energy "
                          f"{smallest:.4f} (every layer at {min(bit_set)} bits)")
@@ -158,11 +160,18 @@ def budget_bits(cost: Mapping[str, Sequence[float]], counts: Sequence[energy_lib
         picks.append(j)
         end -= int(weights[i, j])
     picks.reverse()
+    # The energy model's own sum may differ from the table's in the last bits: held to it exactly.
+    def measure(picks):
+        bits = {**{n: dict(b) for n, b in fixed_bits.items()},
+                **{n: {"w": int(bit_set[j]), "a": int(bit_set[j])} for n, j in zip(layers, picks)}}
+        return {"relative_energy": energy_lib.relative_energy(counts, bits, model)}
+
+    picks, steps = allocation.step_down(np.asarray(picks), costs, {"relative_energy": table}, measure,
+                                        {"relative_energy": budget})
     bits = {n: int(bit_set[j]) for n, j in zip(layers, picks)}
-    rel = (sum(table[i, j] for i, j in enumerate(picks)) + fixed) / fp32
     return {"bits": bits, "cost": float(sum(costs[i, j] for i, j in enumerate(picks))),
-            "relative_energy": float(rel), "budget": float(budget),
-            "max_rounding_gap": float(len(layers) * max(step, 0.0) / fp32)}
+            "relative_energy": float(measure(picks)["relative_energy"]), "budget": float(budget),
+            "max_rounding_gap": float(len(layers) * max(step, 0.0) / fp32), "steps_down": steps}
 
 
 def budget_sweep(cost, counts, *, budgets: Sequence[float], **kwargs) -> list[dict]:

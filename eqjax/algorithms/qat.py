@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import flax
@@ -40,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from eqjax import checkpoint, training
+from eqjax import storage, training
 from eqjax.quant import apply, folding, intercept, numerics, policy as policy_lib
 from eqjax.quant.intercept import LayerCall
 from eqjax.quant.policy import ChannelAxes, LayerQuant, Policy
@@ -373,39 +371,26 @@ def quantized_variables(result: QatResult) -> dict:
 
 
 def save(directory: str, result: QatResult) -> str:
-    """Writes ``result`` (variables, policy, weight scales, info) to ``directory`` atomically."""
-    import orbax.checkpoint as ocp
-
-    directory = os.path.abspath(directory)
+    """Writes ``result`` (variables, policy, weight scales, info) to ``directory`` atomically, with
+    the digests :func:`load` checks (:mod:`eqjax.storage`)."""
     layers = {n: {f: np.asarray(v) for f, v in lq._asdict().items() if f != "w_channel_axes" and v is not None}
               for n, lq in result.policy.items()}
     channel_axes = {n: list(lq.w_channel_axes.axes) for n, lq in result.policy.items() if lq.w_channel_axes}
-    with checkpoint.staged_directory(directory) as staging:
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(os.path.join(staging, "arrays"), {"variables": result.variables, "policy": layers,
-                                                            "weight_scales": result.weight_scales})
-        checkpointer.wait_until_finished()
-        with open(os.path.join(staging, STATE_FILE), "w") as f:
-            json.dump({"layers": list(result.policy), "channel_axes": channel_axes, "info": result.info,
-                       "bits": policy_lib.bits_table(result.policy)}, f, indent=1, default=str)
-    return directory
+    meta = {"layers": list(result.policy), "channel_axes": channel_axes, "info": result.info,
+            "bits": policy_lib.bits_table(result.policy)}
+    return storage.save_tree(directory, {"variables": result.variables, "policy": layers,
+                                         "weight_scales": result.weight_scales}, meta, meta_file=STATE_FILE)
 
 
 def load(directory: str) -> QatResult:
-    """Reads a :func:`save`'d result.
+    """Reads a :func:`save`'d result, checked against its digests.
 
     Raises:
       FileNotFoundError: ``directory`` holds no QAT state.
+      eqjax.storage.CorruptFileError: a state that is not the one saved (names the file).
     """
-    import orbax.checkpoint as ocp
-
-    directory = os.path.abspath(directory)
-    meta_path = os.path.join(directory, STATE_FILE)
-    if not os.path.isfile(meta_path):
-        raise FileNotFoundError(f"{directory} holds no QAT state (no {STATE_FILE}); it is written by experiments.qat")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    arrays = ocp.StandardCheckpointer().restore(os.path.join(directory, "arrays"))
+    arrays, meta = storage.load_tree(directory, meta_file=STATE_FILE,
+                                     what="QAT state (experiments.qat writes it)")
     policy = {}
     for name in meta["layers"]:
         fields = {f: jnp.asarray(v) for f, v in arrays["policy"][name].items()}

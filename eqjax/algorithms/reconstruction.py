@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from eqjax import storage
 from eqjax.quant import apply, calibration, intercept, nnx_model, numerics, policy as policy_lib
 from eqjax.quant.layers import is_weighted
 from eqjax.algorithms import ranking
@@ -405,7 +406,8 @@ def reconstruct(model: nn.Module, variables: Mapping, policy: Policy, images: np
       checkpoint_dir: where the state is saved after every unit. A run that finds a state
         there made for the same model variables, policy, images and config resumes after its
         last finished unit, with the random streams where they were, so the result equals an
-        uninterrupted run's; a state made for anything else is an error.
+        uninterrupted run's; a state made for anything else is an error, a damaged one is
+        moved aside and the reconstruction starts again.
 
     Returns:
       :class:`ReconstructionResult`; :func:`quantized_variables` gives the model's weights.
@@ -440,8 +442,8 @@ def reconstruct(model: nn.Module, variables: Mapping, policy: Policy, images: np
     fixed = np.arange(min(len(images), 64))  # the images of the before/after error
     fingerprint = _fingerprint(units, variables, policy, images, config, weight_method)
     first_unit = 0
-    if checkpoint_dir is not None and os.path.isfile(os.path.join(checkpoint_dir, STATE_FILE)):
-        saved = load(checkpoint_dir, policy)
+    saved = _resumable_state(checkpoint_dir, policy, on_progress)
+    if saved is not None:
         resume = saved.info.get("resume") or {}
         if resume.get("fingerprint") != fingerprint:
             raise ValueError(f"{checkpoint_dir} holds a reconstruction of other images, layers or settings; "
@@ -520,6 +522,22 @@ def reconstruct(model: nn.Module, variables: Mapping, policy: Policy, images: np
     return ReconstructionResult(policy, rounding, weight_scales, reports, info)
 
 
+def _resumable_state(checkpoint_dir: str | None, policy: Policy, on_progress) -> ReconstructionResult | None:
+    """The partial state in ``checkpoint_dir`` if there is an intact one. A damaged one is moved
+    aside to ``<checkpoint_dir>.corrupt-<time>`` (reported through ``on_progress`` as
+    ``{'discarded': reason, 'moved_to': path}``) and the reconstruction starts again from the first unit."""
+    if checkpoint_dir is None or not os.path.isfile(os.path.join(checkpoint_dir, STATE_FILE)):
+        return None
+    try:
+        return load(checkpoint_dir, policy)
+    except storage.CorruptFileError as e:
+        aside = f"{os.path.abspath(checkpoint_dir)}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(checkpoint_dir, aside)
+        if on_progress is not None:
+            on_progress({"discarded": str(e), "moved_to": aside})
+        return None
+
+
 def _fingerprint(units, variables, policy, images: np.ndarray, config: ReconstructionConfig,
                  weight_method: str) -> str:
     """A digest of what a reconstruction depends on (a saved partial state must match it)."""
@@ -581,38 +599,25 @@ STATE_FILE = "reconstruction.json"
 
 
 def save(directory: str, result: ReconstructionResult) -> str:
-    """Writes the reconstructed state (rounding, weight scales, clips, bits, info) with orbax."""
-    import orbax.checkpoint as ocp
-
-    directory = os.path.abspath(directory)
+    """Writes the reconstructed state (rounding, weight scales, clips, bits, info) atomically, with
+    the digests :func:`load` checks (:mod:`eqjax.storage`)."""
     arrays = {"rounding": result.rounding, "weight_scales": result.weight_scales,
               "a_clip": {n: np.asarray(lq.a_clip) for n, lq in result.policy.items()},
               "a_signed": {n: np.asarray(lq.a_signed) for n, lq in result.policy.items()}}
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(directory, "arrays"), arrays, force=True)
-    checkpointer.wait_until_finished()
     bits = {n: [int(lq.w_bits), int(lq.a_bits)] for n, lq in result.policy.items()}
-    with open(os.path.join(directory, STATE_FILE), "w") as f:
-        json.dump({"info": result.info, "units": result.units, "bits": bits}, f, indent=1, default=str)
-    return directory
+    return storage.save_tree(directory, arrays, {"info": result.info, "units": result.units, "bits": bits},
+                             meta_file=STATE_FILE)
 
 
 def load(directory: str, policy: Policy) -> ReconstructionResult:
-    """Reads :func:`save`'s state for ``policy`` (same layers and bits, else ValueError)."""
-    import orbax.checkpoint as ocp
-
-    directory = os.path.abspath(directory)
-    meta_path = os.path.join(directory, STATE_FILE)
-    if not os.path.isfile(meta_path):
-        raise FileNotFoundError(f"{directory} holds no reconstructed state (no {STATE_FILE})")
-    with open(meta_path) as f:
-        meta = json.load(f)
+    """Reads :func:`save`'s state for ``policy`` (same layers and bits, else ValueError), checked
+    against its digests (else :class:`eqjax.storage.CorruptFileError`)."""
+    arrays, meta = storage.load_tree(directory, meta_file=STATE_FILE, what="reconstructed state")
     bits = {n: [int(lq.w_bits), int(lq.a_bits)] for n, lq in policy.items()}
     if meta["bits"] != bits:
         different = sorted(n for n in set(bits) | set(meta["bits"]) if bits.get(n) != meta["bits"].get(n))
         raise ValueError(f"the reconstructed state in {directory} was made for other layers or bits "
                          f"({', '.join(different[:5])}): reconstruct again for this policy")
-    arrays = ocp.StandardCheckpointer().restore(os.path.join(directory, "arrays"))
     new_policy = {n: lq._replace(a_clip=jnp.asarray(arrays["a_clip"][n]), a_signed=jnp.asarray(arrays["a_signed"][n]))
                   for n, lq in policy.items()}
     return ReconstructionResult(new_policy, {n: np.asarray(v) for n, v in arrays["rounding"].items()},

@@ -13,14 +13,14 @@ step sizes when there are any — :func:`build` makes what an integer runtime ex
 
 :func:`save` writes one safetensors file: int8 weights as bytes, int4 two per byte, int2 four
 per byte (:mod:`eqjax.deploy.packing`), a manifest (layers, widths, shapes, preprocessing) and a
-SHA-256 digest of every tensor, to a temporary name renamed into place. :func:`load` checks
-the digests, so a truncated or altered file is an error naming it, never a wrong model.
+digest of every tensor and of the manifest (:mod:`eqjax.storage`), to a temporary name renamed
+into place. :func:`load` checks the digests, so a truncated or altered file is an error naming
+it, never a wrong model.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from typing import Any, Mapping
@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eqjax.checkpoint import write_atomic
+from eqjax import storage
 from eqjax.deploy import packing
 from eqjax.algorithms import reconstruction
 from eqjax.quant import apply, folding, intercept, numerics, policy as policy_lib
@@ -265,11 +265,6 @@ def _unflatten(flat: Mapping[str, np.ndarray], prefix: str) -> dict:
     return out
 
 
-def _digest(array: np.ndarray) -> str:
-    header = f"{array.dtype.str}{list(array.shape)}".encode()
-    return hashlib.sha256(header + np.ascontiguousarray(array).tobytes()).hexdigest()
-
-
 def save(path: str, artifact: IntegerArtifact) -> int:
     """Writes ``artifact`` to one safetensors file at ``path`` (atomically); returns its size in bytes."""
     from safetensors.numpy import save_file
@@ -281,9 +276,10 @@ def save(path: str, artifact: IntegerArtifact) -> int:
             tensors[f"layers/{name}/w_scale"] = np.asarray(layer.w_scale, np.float32)
         if layer.a_scale is not None:
             tensors[f"layers/{name}/a_scale"] = np.asarray(layer.a_scale, np.float32)
-    metadata = {"manifest": json.dumps(artifact.manifest, default=str),
-                "digests": json.dumps({k: _digest(v) for k, v in tensors.items()})}
-    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    manifest = json.dumps(artifact.manifest, default=str)
+    metadata = {"manifest": manifest, "manifest_digest": storage.json_digest(artifact.manifest),
+                "digests": json.dumps({k: storage.array_digest(v) for k, v in tensors.items()})}
+    storage.write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return os.path.getsize(path)
 
 
@@ -304,18 +300,24 @@ def load(path: str) -> IntegerArtifact:
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # the safetensors library's own errors (header, size) say little about the file
-        raise ValueError(f"{path} is not a readable integer artifact (truncated or not safetensors: {e})") from None
+        raise storage.CorruptFileError(f"{path} is not a readable integer artifact (truncated or not safetensors: "
+                                       f"{e})") from None
     if "manifest" not in metadata or "digests" not in metadata:
         raise ValueError(f"{path} is a safetensors file but not an eqjax integer artifact (no manifest)")
-    manifest, digests = json.loads(metadata["manifest"]), json.loads(metadata["digests"])
+    try:
+        manifest, digests = json.loads(metadata["manifest"]), json.loads(metadata["digests"])
+    except json.JSONDecodeError as e:
+        raise storage.CorruptFileError(f"{path} is damaged: its manifest or digests are not JSON ({e})") from None
+    if storage.json_digest(manifest) != metadata.get("manifest_digest"):
+        raise storage.CorruptFileError(f"{path} is damaged: its manifest does not match its digest")
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{path} has format {manifest.get('format')!r}, this eqjax reads {FORMAT!r}")
     if set(digests) != set(tensors):
         missing = sorted(set(digests) ^ set(tensors))
-        raise ValueError(f"{path} is damaged: tensors {', '.join(missing[:3])} are missing or unexpected")
+        raise storage.CorruptFileError(f"{path} is damaged: tensors {', '.join(missing[:3])} are missing or unexpected")
     for key, array in tensors.items():
-        if _digest(array) != digests[key]:
-            raise ValueError(f"{path} is damaged: tensor {key!r} does not match its digest")
+        if storage.array_digest(array) != digests[key]:
+            raise storage.CorruptFileError(f"{path} is damaged: tensor {key!r} does not match its digest")
     layers = {}
     for name, entry in manifest["layers"].items():
         weight = w_scale = a_scale = None

@@ -34,7 +34,7 @@ import numpy as np
 from jax.extend import core as jex_core
 
 from eqjax.deploy import packing
-from eqjax.checkpoint import write_atomic
+from eqjax.storage import write_atomic
 from eqjax.deploy.artifact import IntegerArtifact
 from eqjax.deploy.integer import dequantized_variables
 from eqjax.quant import intercept, numerics

@@ -194,8 +194,15 @@ def _rebin(histogram: jax.Array, old_max: jax.Array, new_max: jax.Array) -> jax.
 
 
 def update_stats(stats: RunningStats, x: jax.typing.ArrayLike) -> RunningStats:
-    """Adds the values of ``x`` (any shape) to ``stats``. Pure; jit-compatible."""
-    x = jnp.asarray(x).astype(jnp.float32).reshape(-1)
+    """Adds the values of ``x`` (any non-empty shape) to ``stats``. Pure; jit-compatible.
+
+    Raises:
+      ValueError: ``x`` holds no values (nothing to add; its shape is named).
+    """
+    x = jnp.asarray(x)
+    if x.size == 0:
+        raise ValueError(f"update_stats needs at least one value, got an empty array of shape {x.shape}")
+    x = x.astype(jnp.float32).reshape(-1)
     minimum = jnp.minimum(stats.minimum, jnp.min(x))
     maximum = jnp.maximum(stats.maximum, jnp.max(x))
     magnitude = jnp.abs(x)

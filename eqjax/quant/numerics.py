@@ -166,7 +166,8 @@ def quant_range(bits: Any, *, signed: Any = True, dtype=jnp.float32) -> tuple[ja
     if isinstance(signed, (bool, np.bool_)):
         q_min, q_max = signed_ends if signed else unsigned_ends
     else:
-        signed = jnp.asarray(signed)
+        if getattr(signed, "dtype", None) != jnp.bool_:
+            raise ValueError(f"signed must be a bool or a boolean array, got {signed!r}")
         q_min = jnp.where(signed, signed_ends[0], unsigned_ends[0])
         q_max = jnp.where(signed, signed_ends[1], unsigned_ends[1])
     nan = jnp.asarray(jnp.nan, dtype)
