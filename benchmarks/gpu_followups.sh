@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU follow-ups of issues 16 and 13 (BUILD_NOTES "GPU follow-ups (session 8)"), one device call:
+# GPU follow-ups of issues 16 and 13 (BUILD_NOTES: "Timed on the H200, profiled on CPU" and "A longer
+# schedule, ... Lite0 W4A8 reconstructed on a GPU"), in one run on the GPU machine:
 #   1. one-pass sensitivity against the direct sweep and the per-configuration loop, side by side
 #      (benchmarks.second_order_bench): ResNet-18 CIFAR (random weights: timing only, the CPU
 #      tables hold the agreement) and EfficientNet-Lite0 with the package weights on the same

@@ -8,7 +8,7 @@ COMMON="--model=resnet18_cifar --weights=runs/weights/resnet18_cifar10 --batch_s
 $PY -m experiments.mixed $COMMON --strategy=percentile --workdir=runs/r18c10_mixed_percentile
 $PY -m experiments.mixed $COMMON --strategy=budget --budget=percentile \
   --sensitivity_json=runs/r18c10_mixed_percentile/mixed/results.json --workdir=runs/r18c10_mixed_budget
-# Session 2: other costs for the budgeted allocation, same sweep and budget.
+# Other costs for the budgeted allocation, same sweep and budget.
 for cost in delta_loss rel_l2 l2; do
   $PY -m experiments.mixed $COMMON --strategy=budget --budget=percentile --cost_metric=$cost \
     --sensitivity_json=runs/r18c10_mixed_percentile/mixed/results.json --workdir=runs/r18c10_mixed_budget_$cost
