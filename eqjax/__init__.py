@@ -15,8 +15,8 @@ Packages, by layer (DESIGN): ``eqjax.quant`` (``numerics``, ``calibration``, ``p
 ``layers``, ``intercept``, ``nnx_model``, ``apply``, ``folding``), ``eqjax.algorithms`` (``energy`` (eq. 7), ``sensitivity``,
 ``second_order``, ``mixed_precision`` (eq. 6, budgets), ``allocation``, ``ranking``,
 ``reconstruction``, ``vit_quant``, ``pareto``, ``metrics``), then ``ptq`` (the pipeline),
-``models`` (ResNet-18, DeiT-Tiny, EfficientNet-Lite0 with timm names), ``data``, ``checkpoint``
-and ``training``. Every module is also reachable by its short name (``eqjax.numerics``,
+``models`` (ResNet-18, DeiT-Tiny, EfficientNet-Lite0 with timm names), ``data``, ``checkpoint``,
+``training`` and ``storage`` (atomic writes; digests checked on every read back). Every module is also reachable by its short name (``eqjax.numerics``,
 ``from eqjax import reconstruction``, ``import eqjax.vit_quant``), as before the grouping.
 Integer execution and export live in ``eqjax.deploy`` (``packing``, ``artifact``, ``integer``,
 ``onnx_export``; imported by name, ``from eqjax.deploy import artifact``).
