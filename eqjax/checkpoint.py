@@ -53,6 +53,15 @@ def is_checkpoint(directory: str | os.PathLike) -> bool:
     return os.path.isfile(os.path.join(os.fspath(directory), METADATA_FILE))
 
 
+def _check_metadata(meta_path: str, meta: Any) -> None:
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise ValueError(f"{meta_path}: format_version {version!r}, expected {FORMAT_VERSION}")
+    missing = [k for k in ("model", "num_classes", "preprocessing") if k not in meta]
+    if missing:
+        raise ValueError(f"{meta_path} is corrupt: no {', '.join(missing)}")
+
+
 def load(directory: str | os.PathLike) -> Checkpoint:
     """Reads a directory written by :func:`save` (e.g. by ``python -m weights_convert``).
 
@@ -66,15 +75,8 @@ def load(directory: str | os.PathLike) -> Checkpoint:
     meta_path = os.path.join(directory, METADATA_FILE)
     if not os.path.isfile(meta_path):
         raise FileNotFoundError(f"{directory} is not an eqjax checkpoint (no {METADATA_FILE})")
-    meta = storage.read_json(meta_path, what="an eqjax checkpoint")
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-        version = meta.get("format_version") if isinstance(meta, dict) else None
-        raise ValueError(f"{meta_path}: format_version {version!r}, expected {FORMAT_VERSION}")
-    missing = [k for k in ("model", "num_classes", "preprocessing") if k not in meta]
-    if missing:
-        raise ValueError(f"{meta_path} is corrupt: no {', '.join(missing)}")
     variables, meta = storage.load_tree(directory, meta_file=METADATA_FILE, arrays_dir=VARIABLES_DIR,
-                                        what="an eqjax checkpoint")
+                                        what="an eqjax checkpoint", check_meta=_check_metadata)
     return Checkpoint(meta["model"], int(meta["num_classes"]),
                       models.Preprocessing.from_dict(meta["preprocessing"]), variables,
                       meta.get("source", ""))

@@ -201,8 +201,10 @@ def read_json(path: str, *, what: str) -> Any:
         raise CorruptFileError(f"{path} is corrupt: not JSON ({e}); it should hold {what}") from None
 
 
-def load_tree(directory: str, *, meta_file: str, arrays_dir: str = "arrays", what: str) -> tuple[Any, dict]:
-    """``(tree, meta)`` of :func:`save_tree`, checked against the digests.
+def load_tree(directory: str, *, meta_file: str, arrays_dir: str = "arrays", what: str,
+              check_meta: Callable[[str, Any], None] | None = None) -> tuple[Any, dict]:
+    """``(tree, meta)`` of :func:`save_tree`, checked against the digests; ``check_meta(meta_path,
+    meta)``, when given, may refuse the metadata as read, before any array is.
 
     Raises:
       FileNotFoundError: no ``meta_file`` in ``directory`` (it holds no ``what``).
@@ -216,6 +218,8 @@ def load_tree(directory: str, *, meta_file: str, arrays_dir: str = "arrays", wha
     if not os.path.isfile(meta_path):
         raise FileNotFoundError(f"{directory} holds no {what} (no {meta_file})")
     meta = read_json(meta_path, what=what)
+    if check_meta is not None:
+        check_meta(meta_path, meta)
     if not isinstance(meta, dict):
         raise CorruptFileError(f"{meta_path} is corrupt: not the JSON object of {what}")
     arrays_path = os.path.join(directory, arrays_dir)
