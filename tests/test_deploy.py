@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 
 import eqjax
-from eqjax import models
 from eqjax.deploy import artifact as artifact_lib, integer, onnx_export, packing
 from eqjax.quant import apply
 from tests.random_init import random_batch_norms
-from tests.test_vit_quant import TINY_VIT
+from tests.test_vit_quant import make_tiny_vit
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
@@ -95,11 +94,7 @@ def test_integer_forward_accumulators_are_exact_and_logits_match_fake_quant(cnn,
 
 
 def test_integer_forward_and_onnx_export_of_a_small_vit_match_fake_quant():
-    spec = models.get("vit_tiny_cifar")
-    model = spec.build(num_classes=10, **TINY_VIT)
-    variables = spec.init(jax.random.key(0), num_classes=10, **TINY_VIT)
-    images = jax.random.normal(jax.random.key(1), (8, 32, 32, 3))
-    policy = eqjax.calibrate(model, variables, [images], eqjax.PTQConfig(w_bits=8, a_bits=8))
+    _, model, variables, images, policy = make_tiny_vit(8)
     apply_fn, state = eqjax.quantize_model(model, variables, policy)
     reference = apply_fn(state, images)
     artifact = artifact_lib.build(model, variables, policy, example=images[:1])

@@ -70,15 +70,20 @@ def test_twin_quantizer_matches_numpy(bits):
     assert all(np.isfinite(g) and g != 0 for g in grads)
 
 
-@pytest.fixture(scope="module")
-def tiny_vit():
-    """(spec, model, variables, images, W4A4 policy calibrated on the images) of a 2-block ViT."""
+def make_tiny_vit(bits: int):
+    """(spec, model, variables, images, WbAb policy calibrated on the images) of a 2-block ViT."""
     spec = models.get("vit_tiny_cifar")
     model = spec.build(num_classes=10, **TINY_VIT)
     variables = spec.init(jax.random.key(0), num_classes=10, **TINY_VIT)
     images = jax.random.normal(jax.random.key(1), (8, 32, 32, 3))
-    policy = eqjax.calibrate(model, variables, [images], eqjax.PTQConfig(w_bits=4, a_bits=4))
+    policy = eqjax.calibrate(model, variables, [images], eqjax.PTQConfig(w_bits=bits, a_bits=bits))
     return spec, model, variables, images, policy
+
+
+@pytest.fixture(scope="module")
+def tiny_vit():
+    """:func:`make_tiny_vit` at W4A4."""
+    return make_tiny_vit(4)
 
 
 def test_with_quantizer_sets_kinds_as_data_and_rejects_bad_settings(tiny_vit):
