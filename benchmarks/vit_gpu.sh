@@ -7,8 +7,15 @@
 # Repo root. Needs DATA (default .device_vit, git-ignored) prepared on the CPU machine with
 #   bash benchmarks/vit_gpu.sh prepare
 # (40,000 of the 50,000 images of cifar10/train.tar and 2,000 of test.tar, seed 0: the whole
-# training set does not fit the 64 MiB that travels to the device). Back here:
+# training set does not fit the 64 MiB that travels to the device). Back here, the checkpoint
+# joined, its FP32 top-1 measured on 1,000 test images, and both committed under weights/:
 #   python -m benchmarks.checkpoint_pieces join OUT/vit runs/weights/vit_tiny_cifar10
+#   python -m experiments.ptq --model=vit_tiny_cifar --weights=runs/weights/vit_tiny_cifar10 --bits=8 \
+#     --dataset=tar:../shared/data/cifar10/test.tar --calib_dataset=tar:../shared/data/cifar10/train.tar \
+#     --eval_images=1000 --batch_size=250 --workdir=runs/vit_check
+#   python -m weights_convert.export --checkpoint=runs/weights/vit_tiny_cifar10 \
+#     --out=weights/vit_tiny_cifar10/vit_tiny_cifar10.safetensors --train_results=OUT/train.results.json \
+#     --check_results=runs/vit_check/ptq/results.json
 set -u
 PY=${PY:-python3}
 DATA=${DATA:-.device_vit}

@@ -18,7 +18,8 @@ of the logits with FP32:
 Methods compose with ``+`` (``twin+qdrop``, ``reparam+adalog+twin+qdrop``): at most one softmax
 quantizer (log2 or adalog) and one optimisation (ranking or qdrop) each.
 
-    python -m experiments.vit --model=vit_tiny_cifar --weights=runs/weights/vit_tiny_cifar10 \\
+    python -m experiments.vit --model=vit_tiny_cifar \\
+        --weights=weights/vit_tiny_cifar10/vit_tiny_cifar10.safetensors \\
         --dataset=tar:../shared/data/cifar10/test.tar --calib_dataset=tar:../shared/data/cifar10/train.tar
 
 Writes WORKDIR/vit/results.json (config, environment, FP32, one row per bit width and method

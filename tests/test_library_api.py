@@ -18,17 +18,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def readme_example(index: int = 0) -> str:
-    """Python block ``index`` of the README's "Quantize your own Flax model" (0: Linen, 1: QAT of the
-    Linen model, 2: NNX, 3: the Linen model on integers)."""
-    with open(os.path.join(ROOT, "README.md")) as f:
+    """Python block ``index`` of docs/your-own-model.md (0: Linen, 1: QAT of the Linen model, 2: NNX,
+    3: the Linen model on integers)."""
+    with open(os.path.join(ROOT, "docs", "your-own-model.md")) as f:
         text = f.read()
-    section = text.split("## Quantize your own Flax model", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```python\n(.*?)```", section, re.S)[index]
+    return re.findall(r"```python\n(.*?)```", text, re.S)[index]
 
 
 def test_readme_quantize_your_own_model_runs(capsys):
     namespace = {}
-    exec(compile(readme_example(0), "README.md", "exec"), namespace)
+    exec(compile(readme_example(0), "docs/your-own-model.md", "exec"), namespace)
     result, policy = namespace["result"], namespace["policy"]
     assert result["num_images"] == 256 and 50.0 <= result["top1"] <= 100.0
     assert eqjax.bits_table(policy) == {"conv1": {"w": 8, "a": 8}, "conv2": {"w": 4, "a": 4},
@@ -44,8 +43,8 @@ def test_readme_quantize_your_own_model_runs(capsys):
 
 def test_readme_qat_of_your_own_model_runs_and_beats_round_to_nearest(capsys):
     namespace = {}
-    exec(compile(readme_example(0), "README.md", "exec"), namespace)
-    exec(compile(readme_example(1), "README.md", "exec"), namespace)
+    exec(compile(readme_example(0), "docs/your-own-model.md", "exec"), namespace)
+    exec(compile(readme_example(1), "docs/your-own-model.md", "exec"), namespace)
     ptq_result, qat_result = namespace["result"], namespace["qat_result"]
     assert qat_result["num_images"] == 256 and qat_result["top1"] > ptq_result["top1"], (ptq_result, qat_result)
     assert "W4A4 after QAT agrees with FP32 on" in capsys.readouterr().out
@@ -58,8 +57,8 @@ def test_readme_integer_deployment_of_your_own_model_runs(capsys, tmp_path, monk
 
     monkeypatch.chdir(tmp_path)
     namespace = {}
-    exec(compile(readme_example(0), "README.md", "exec"), namespace)
-    exec(compile(readme_example(3), "README.md", "exec"), namespace)
+    exec(compile(readme_example(0), "docs/your-own-model.md", "exec"), namespace)
+    exec(compile(readme_example(3), "docs/your-own-model.md", "exec"), namespace)
     assert "the integer forward agrees with fake quantization on" in capsys.readouterr().out
     images = namespace["images"][:128]
     reference = namespace["apply_fn"](namespace["state"], images)
@@ -73,7 +72,7 @@ def test_readme_quantize_your_own_nnx_model_runs(capsys):
     from flax import nnx
 
     namespace = {}
-    exec(compile(readme_example(2), "README.md", "exec"), namespace)
+    exec(compile(readme_example(2), "docs/your-own-model.md", "exec"), namespace)
     policy, quantized = namespace["policy"], namespace["quantized"]
     assert list(policy) == ["patch", "attn.query", "attn.key", "attn.value", "attn.qk_matmul", "attn.av_matmul",
                             "attn.out", "mlp", "head"]

@@ -104,6 +104,41 @@ def _transform(value: np.ndarray, how: str) -> np.ndarray:
     return value
 
 
+def _untransform(kernel: np.ndarray) -> np.ndarray:
+    """:func:`_transform`'s ``kernel`` case backwards: HWIO -> OIHW, [in, out] -> [out, in]."""
+    if kernel.ndim == 4:
+        return kernel.transpose(3, 2, 0, 1)
+    return kernel.T if kernel.ndim == 2 else kernel
+
+
+def state_dict_of(name: str, variables: Mapping) -> dict[str, np.ndarray]:
+    """The timm-named state_dict of Flax ``variables``: :func:`convert` run backwards.
+
+    ``convert(name, state_dict_of(name, variables))`` gives ``variables`` back exactly (tested), so
+    a trained model can be written as a plain ``.safetensors`` state_dict that every reader of
+    ``--weights=FILE.safetensors`` (and timm) takes.
+
+    Raises:
+      ValueError: the model's keys are renamed on conversion (EfficientNet-Lite0), which this
+        does not invert.
+    """
+    if rules.RULES.get(name):
+        raise ValueError(f"state_dict_of does not invert the key renaming of {name!r}")
+    out = {}
+    for path, value in _flat_targets(variables).items():
+        value, module = np.asarray(value), ".".join(path[1:-1])
+        prefix = f"{module}." if module else ""
+        if path[0] == "batch_stats":
+            out[prefix + {"mean": "running_mean", "var": "running_var"}[path[-1]]] = value
+        elif path[-1] == "kernel":
+            out[prefix + "weight"] = _untransform(value)
+        elif path[-1] in ("scale", "bias"):
+            out[prefix + ("weight" if path[-1] == "scale" else "bias")] = value
+        else:
+            out[".".join(path[1:])] = value
+    return out
+
+
 def _nest(flat: Mapping[tuple[str, ...], Any]) -> dict:
     tree: dict = {}
     for path, value in flat.items():
