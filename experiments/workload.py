@@ -63,6 +63,8 @@ def define_reconstruction_flags() -> None:
     flags.DEFINE_integer("recon_iterations", 1000, "Adam steps per reconstructed unit.")
     flags.DEFINE_integer("recon_batch_size", 32, "Calibration images per reconstruction step.")
     flags.DEFINE_float("drop_prob", 0.5, "QDrop's probability of keeping an activation in full precision.")
+    flags.DEFINE_enum("recon_activation_dtype", "float32", list(reconstruction.ACTIVATION_DTYPES),
+                      "How each unit's calibration activations are held on the device (bfloat16: half the memory).")
     flags.DEFINE_bool("recon_fisher", False, "Weight each unit's output error by the diagonal Fisher "
                       "(BRECQ): squared gradients of KL(FP || quantized) w.r.t. the unit output.")
     flags.DEFINE_string("recon_state", None, "Reuse the reconstructed state that an earlier run saved "
@@ -81,7 +83,8 @@ def reconstruction_config_from_flags() -> reconstruction.ReconstructionConfig | 
     names = {"iterations": "recon_iterations", "batch_size": "recon_batch_size", "drop_prob": "drop_prob"}
     return translate_errors(lambda: reconstruction.ReconstructionConfig(
         method=FLAGS.reconstruct, iterations=FLAGS.recon_iterations, batch_size=FLAGS.recon_batch_size,
-        drop_prob=FLAGS.drop_prob, fisher=FLAGS.recon_fisher, seed=FLAGS.seed), names)
+        drop_prob=FLAGS.drop_prob, fisher=FLAGS.recon_fisher, seed=FLAGS.seed,
+        activation_dtype=FLAGS.recon_activation_dtype), names)
 
 
 DEFAULT_CALIB_IMAGES = 256  # the study's calibration set size

@@ -244,3 +244,33 @@ def test_fisher_weight_of_the_logits_is_the_softmax_difference_squared(tiny_resn
                                         reconstruction.ReconstructionConfig(iterations=3, batch_size=8, fisher=True),
                                         is_block=is_block)
     assert result.info["config"]["fisher"] and all(np.isfinite(u["error_after"]) for u in result.units)
+
+
+def test_steps_per_call_change_nothing_and_bfloat16_storage_stays_close(monkeypatch):
+    """The loop draws mini-batches and masks on the device from the key alone: one step per call
+    (the CPU default) and chunks of steps in one lax.fori_loop give the same reconstruction;
+    bfloat16 activations stay close to float32."""
+    model = TwoConv()
+    images = np.asarray(jax.random.normal(jax.random.key(0), (16, 8, 8, 3), jnp.float32))
+    variables = model.init(jax.random.key(1), images[:1])
+    policy = ptq.calibrate(model, variables, [images], ptq.PTQConfig(w_bits=3, keep_first_last_bits=None))
+    run = lambda **kw: reconstruction.reconstruct(model, variables, policy, images, reconstruction.ReconstructionConfig(
+        method="qdrop", iterations=6, batch_size=4, rounding_lr=5e-2, clip_lr=1e-2, **kw))
+    per_step, chunks = run(chunk_steps=1), run(chunk_steps=4)  # chunks of 4 and 2 steps
+    for name in per_step.rounding:
+        np.testing.assert_array_equal(per_step.rounding[name], chunks.rounding[name])
+    for name, lq in per_step.policy.items():
+        np.testing.assert_allclose(lq.a_clip, chunks.policy[name].a_clip, rtol=1e-5)
+        assert not np.allclose(lq.a_clip, policy[name].a_clip)  # the clips were learned
+    half = run(chunk_steps=1, activation_dtype="bfloat16")
+    for name, lq in per_step.policy.items():
+        np.testing.assert_allclose(lq.a_clip, half.policy[name].a_clip, rtol=0.05)
+    # Activations that do not fit the device's free memory: one error naming the size and the ways out.
+    monkeypatch.setattr(reconstruction, "free_device_bytes", lambda: 1000)
+    with pytest.raises(ValueError, match=r"need 0\.00 GiB on the device, 0\.00 GiB are free: use fewer calibration "
+                                         r"images or activation_dtype='bfloat16'"):
+        run(chunk_steps=1)
+    with pytest.raises(ValueError, match="activation_dtype must be one of"):
+        reconstruction.ReconstructionConfig(activation_dtype="int8")
+    with pytest.raises(ValueError, match="chunk_steps must be >= 1 or None, got 0"):
+        reconstruction.ReconstructionConfig(chunk_steps=0)

@@ -19,7 +19,8 @@ drops the quantization of each activation inside the unit with probability ``p``
 * ``qdrop``:    as brecq, with drop probability ``p`` (0.5; Wei et al., ICLR 2022); p = 0 is brecq.
 
 Weight scales stay at the calibrated per-channel values; the rounding becomes hard at the
-end. Bits are data and units of one architecture share one compiled step.
+end. Bits are data and units of one architecture share one compiled step. A unit's calibration
+activations stay on the device and its mini-batches are drawn there (:func:`_optimize`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -49,6 +50,9 @@ METHODS = ("adaround", "brecq", "qdrop")
 
 __all__ = ["METHODS", "ReconstructionConfig", "Unit", "ReconstructionResult", "find_units", "reconstruct", "integer_kernel",
            "fisher_weights", "quantized_variables", "save", "load"]
+
+
+ACTIVATION_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -73,6 +77,12 @@ class ReconstructionConfig:
         ``*.qk_matmul`` layers on ``ranking_rows`` evenly spaced query rows; 0 = off.
       ranking_rows: query rows per score layer in the ranking term.
       seed: mini-batches and QDrop masks.
+      activation_dtype: how a unit's calibration activations (inputs, targets, Fisher weights)
+        are held on the device: ``float32`` or ``bfloat16`` (half the memory; each mini-batch
+        is computed in float32).
+      chunk_steps: optimisation steps per device call (a ``lax.fori_loop``); None: 1 on the CPU,
+        100 elsewhere (:func:`steps_per_call`). The loss is checked for non-finite values and
+        progress reported every ``max(chunk_steps, 100)`` steps.
     """
 
     method: str = "brecq"
@@ -88,10 +98,16 @@ class ReconstructionConfig:
     ranking_weight: float = 0.0
     ranking_rows: int = 32
     seed: int = 0
+    activation_dtype: str = "float32"
+    chunk_steps: int | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.activation_dtype not in ACTIVATION_DTYPES:
+            raise ValueError(f"activation_dtype must be one of {ACTIVATION_DTYPES}, got {self.activation_dtype!r}")
+        if self.chunk_steps is not None and self.chunk_steps < 1:
+            raise ValueError(f"chunk_steps must be >= 1 or None, got {self.chunk_steps}")
         for name in ("iterations", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -286,6 +302,23 @@ def _unit_functions(unit_module: nn.Module, static_args: tuple, ranking_rows: in
             updates, opt_state = _optimizer(hyper["rounding_lr"], hyper["clip_lr"]).update(grads, opt_state, state)
         return optax.apply_updates(state, updates), opt_state, loss, error
 
+    def sampled_step(carry, step_index, sub_vars, policy, scales, data, hyper, batch):
+        """One step on ``batch`` images drawn with the carried key from the device-resident ``data``
+        = (x_q, x_fp, target, fisher or None); carry = (state, opt_state, key, loss, error, bad)."""
+        state, opt_state, key, _, _, bad = carry
+        key, pick, sub = jax.random.split(key, 3)
+        idx = jax.random.choice(pick, data[0].shape[0], (batch,), replace=False)
+        x_q, x_fp, target, fisher = (None if a is None else jnp.take(a, idx, axis=0).astype(jnp.float32)
+                                     for a in data)
+        state, opt_state, loss, error = step(state, opt_state, sub_vars, policy, scales, x_q, x_fp, target, fisher,
+                                             sub, step_index.astype(jnp.float32), hyper)
+        return state, opt_state, key, loss, error, bad | ~jnp.isfinite(loss)
+
+    def chunk(carry, first, count, sub_vars, policy, scales, data, hyper, batch):
+        """``count`` sampled steps from step ``first`` (both traced) in one ``lax.fori_loop``."""
+        return jax.lax.fori_loop(0, count, lambda i, c: sampled_step(c, first + i, sub_vars, policy, scales, data,
+                                                                      hyper, batch), carry)
+
     def error(state, sub_vars, policy, scales, x, target, hard):
         out = _unit_forward(unit_module, static_args, sub_vars, policy, state, scales, x, jax.random.key(0),
                             0.0, hard=hard)
@@ -294,7 +327,18 @@ def _unit_functions(unit_module: nn.Module, static_args: tuple, ranking_rows: in
     def fp_forward(sub_vars, x):
         return unit_module.apply(sub_vars, x, *static_args)
 
-    return jax.jit(step), jax.jit(error), jax.jit(fp_forward)
+    return UnitFunctions(jax.jit(step), jax.jit(sampled_step, static_argnames="batch"),
+                         jax.jit(chunk, static_argnames="batch"), jax.jit(error), jax.jit(fp_forward))
+
+
+class UnitFunctions(NamedTuple):
+    """The compiled functions of one unit architecture (see :func:`_unit_functions`)."""
+
+    step: Callable
+    sampled_step: Callable
+    chunk: Callable
+    error: Callable
+    fp_forward: Callable
 
 
 def _optimizer(rounding_lr, clip_lr) -> optax.GradientTransformation:
@@ -386,6 +430,61 @@ def _disabled(policy: Policy) -> Policy:
     return {n: lq._replace(w_enabled=jnp.asarray(False), a_enabled=jnp.asarray(False)) for n, lq in policy.items()}
 
 
+def hyperparameters(config: ReconstructionConfig) -> dict[str, jax.Array]:
+    """The step's settings as data (one compilation for any of them)."""
+    return {"iterations": jnp.float32(config.iterations), "warmup": jnp.float32(config.warmup),
+            "beta_start": jnp.float32(config.beta[0]), "beta_end": jnp.float32(config.beta[1]),
+            "drop_prob": jnp.float32(config.effective_drop_prob),
+            "rounding_weight": jnp.float32(config.rounding_weight),
+            "rounding_lr": jnp.float32(config.rounding_lr), "clip_lr": jnp.float32(config.clip_lr),
+            "ranking_weight": jnp.float32(config.ranking_weight)}
+
+
+class UnitProblem(NamedTuple):
+    """What one unit's optimisation starts from: its variables, local policy (names inside the
+    unit), per-channel weight scales, initial state ``{'v': rounding variables, 'a': log-clips}``,
+    inputs ``x_q`` / ``x_fp`` and FP target [N, ...] (host arrays), and the unit architecture's
+    compiled :class:`UnitFunctions`."""
+
+    sub_vars: dict
+    policy: dict
+    scales: dict
+    state: dict
+    x_q: np.ndarray
+    x_fp: np.ndarray
+    target: np.ndarray
+    functions: "UnitFunctions"
+
+
+def unit_problem(model: nn.Module, variables: Mapping, policy: Policy, rounding: Mapping, weight_scales: Mapping,
+                 unit: "Unit", images: np.ndarray, config: ReconstructionConfig, *, weight_method: str = "absmax",
+                 capture=None) -> UnitProblem | None:
+    """The optimisation problem of ``unit`` with the units in ``rounding`` already reconstructed
+    (None when the unit has nothing to learn)."""
+    sub_vars = _sub_variables(variables, unit.path)
+    local_policy = {unit.local(n): policy[n] for n in unit.layers}
+    kernels = {unit.local(n): intercept.module_variables(variables, n)["kernel"] for n in unit.layers
+               if bool(policy[n].w_enabled)}
+    scales = {n: apply.kernel_scale(k, local_policy[n].w_bits, method=weight_method,
+                                    axes=apply.channel_axes(local_policy[n], k.ndim))
+              for n, k in kernels.items()}
+    state = {"v": {n: core.init_rounding(k, _channel_scale(scales[n], k, local_policy[n])) for n, k in kernels.items()},
+             "a": {n: jnp.log(lq.a_clip) for n, lq in local_policy.items()
+                   if config.learns_clips and bool(lq.a_enabled)}}
+    if not state["v"] and not state["a"]:
+        return None
+    capture = capture or _capture_function(model, (unit.path,))
+    # Inputs: full precision, and with the finished units quantized as learned.
+    qvars = quantized_variables(variables, policy, rounding, weight_scales)
+    fp_policy = _disabled(policy)
+    x_fp = _batched(lambda x: capture(variables, fp_policy, x)[unit.path], images, 64)
+    x_q = _batched(lambda x: capture(qvars, policy, x)[unit.path], images, 64)
+    functions = _unit_functions(unit.module, unit.static_args,
+                                config.ranking_rows if config.ranking_weight > 0 else None)
+    target = _batched(lambda x: functions.fp_forward(sub_vars, x), x_fp, 64)
+    return UnitProblem(sub_vars, local_policy, scales, state, x_q, x_fp, target, functions)
+
+
 def reconstruct(model: nn.Module, variables: Mapping, policy: Policy, images: np.ndarray,
                 config: ReconstructionConfig = ReconstructionConfig(), *,
                 is_block: Callable[[nn.Module], bool] | None = None, blocks: Sequence[str] | None = None,
@@ -425,14 +524,8 @@ def reconstruct(model: nn.Module, variables: Mapping, policy: Policy, images: np
         is_block, blocks = None, None
     units = find_units(model, images[:1], policy, is_block=is_block, blocks=blocks)
     started = time.perf_counter()
-    rng = np.random.default_rng(config.seed)
     key = jax.random.key(config.seed)
-    hyper = {"iterations": jnp.float32(config.iterations), "warmup": jnp.float32(config.warmup),
-             "beta_start": jnp.float32(config.beta[0]), "beta_end": jnp.float32(config.beta[1]),
-             "drop_prob": jnp.float32(config.effective_drop_prob),
-             "rounding_weight": jnp.float32(config.rounding_weight),
-             "rounding_lr": jnp.float32(config.rounding_lr), "clip_lr": jnp.float32(config.clip_lr),
-             "ranking_weight": jnp.float32(config.ranking_weight)}
+    hyper = hyperparameters(config)
     capture = _capture_function(model, tuple(u.path for u in units))
     fisher = (fisher_weights(model, variables, policy, images, [u.path for u in units], weight_method=weight_method)
               if config.fisher else {})
@@ -451,7 +544,6 @@ def reconstruct(model: nn.Module, variables: Mapping, policy: Policy, images: np
         policy, rounding, weight_scales, reports = dict(saved.policy), dict(saved.rounding), \
             dict(saved.weight_scales), list(saved.units)
         first_unit = resume["next_unit"]
-        rng.bit_generator.state = resume["rng"]
         key = jax.random.wrap_key_data(jnp.asarray(resume["key"], jnp.uint32))
         started -= resume["seconds"]
         if on_progress is not None:
@@ -460,26 +552,13 @@ def reconstruct(model: nn.Module, variables: Mapping, policy: Policy, images: np
         if index < first_unit:
             continue
         unit_start = time.perf_counter()
-        sub_vars = _sub_variables(variables, unit.path)
-        local_policy = {unit.local(n): policy[n] for n in unit.layers}
-        kernels = {unit.local(n): intercept.module_variables(variables, n)["kernel"] for n in unit.layers
-                   if bool(policy[n].w_enabled)}
-        scales = {n: apply.kernel_scale(k, local_policy[n].w_bits, method=weight_method,
-                                        axes=apply.channel_axes(local_policy[n], k.ndim))
-                  for n, k in kernels.items()}
-        state = {"v": {n: core.init_rounding(k, _channel_scale(scales[n], k, local_policy[n])) for n, k in kernels.items()},
-                 "a": {n: jnp.log(lq.a_clip) for n, lq in local_policy.items()
-                       if config.learns_clips and bool(lq.a_enabled)}}
-        if not state["v"] and not state["a"]:
+        problem = unit_problem(model, variables, policy, rounding, weight_scales, unit, images, config,
+                               weight_method=weight_method, capture=capture)
+        if problem is None:
             continue  # nothing to learn (e.g. a unit whose layers are all disabled)
-        # Inputs: full precision, and with the finished units quantized as learned.
-        qvars = quantized_variables(variables, policy, rounding, weight_scales)
-        fp_policy = _disabled(policy)
-        x_fp = _batched(lambda x: capture(variables, fp_policy, x)[unit.path], images, 64)
-        x_q = _batched(lambda x: capture(qvars, policy, x)[unit.path], images, 64)
-        step, error_fn, fp_forward = _unit_functions(unit.module, unit.static_args,
-                                                     config.ranking_rows if config.ranking_weight > 0 else None)
-        target = _batched(lambda x: fp_forward(sub_vars, x), x_fp, 64)
+        sub_vars, local_policy, scales, state = problem.sub_vars, problem.policy, problem.scales, problem.state
+        x_q, x_fp, target = problem.x_q, problem.x_fp, problem.target
+        error_fn = problem.functions.error
         measure = lambda s: float(error_fn(s, sub_vars, local_policy, scales, x_q[fixed], target[fixed], True))
         before = measure(state)
 
@@ -490,11 +569,12 @@ def reconstruct(model: nn.Module, variables: Mapping, policy: Policy, images: np
                              "iterations": config.iterations, "error": error,
                              "eta_s": (time.perf_counter() - started) / done * (len(units) - done)})
 
-        state, stopped, key = _optimize(step, state, (sub_vars, local_policy, scales), x_q, x_fp, target,
-                                        fisher.get(unit.path), key=key,
-                                        rng=rng, batch=batch, hyper=hyper, config=config, report=report)
+        data = device_activations((x_q, x_fp, target, fisher.get(unit.path)), config.activation_dtype)
+        state, stopped, key = _optimize(problem.functions, state, (sub_vars, local_policy, scales), data, key=key,
+                                        batch=batch, hyper=hyper, config=config, report=report)
+        del data
         after = measure(state)
-        for local in kernels:
+        for local in scales:  # the unit's quantized kernels
             name = f"{unit.path}.{local}" if local else unit.path
             rounding[name] = np.asarray(state["v"][local] >= 0).astype(np.int8)
             weight_scales[name] = np.asarray(scales[local], np.float32)
@@ -505,7 +585,7 @@ def reconstruct(model: nn.Module, variables: Mapping, policy: Policy, images: np
                         "error_after": after, "iterations": config.iterations, "stopped": stopped,
                         "seconds": time.perf_counter() - unit_start})
         if checkpoint_dir is not None:
-            resume = {"fingerprint": fingerprint, "next_unit": index + 1, "rng": rng.bit_generator.state,
+            resume = {"fingerprint": fingerprint, "next_unit": index + 1,
                       "key": np.asarray(jax.random.key_data(key)).tolist(),
                       "seconds": time.perf_counter() - started}
             save(checkpoint_dir, ReconstructionResult(policy, rounding, weight_scales, reports, {"resume": resume}))
@@ -549,29 +629,87 @@ def _fingerprint(units, variables, policy, images: np.ndarray, config: Reconstru
     digest.update(json.dumps({n: [int(lq.w_bits), int(lq.a_bits), np.asarray(lq.a_clip).tolist(),
                                   optional(lq.a_kind), optional(lq.a_log_base), optional(lq.a_fine_ratio)]
                               for n, lq in sorted(policy.items())}).encode())
-    digest.update(json.dumps([dataclasses.asdict(config), weight_method], default=str).encode())
+    digest.update(json.dumps([dataclasses.asdict(config), weight_method, LOOP_VERSION], default=str).encode())
     digest.update(np.ascontiguousarray(images).tobytes())
     return digest.hexdigest()
 
 
-def _optimize(step, state, unit_args, x_q, x_fp, target, fisher, *, key, rng, batch, hyper, config, report):
-    """``config.iterations`` Adam steps on random mini-batches; returns (state, stopped, key).
+def free_device_bytes() -> int | None:
+    """Memory free on all local devices together, or None where the backend does not say (CPU)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "bytes_limit" not in stats:
+        return None
+    return (stats["bytes_limit"] - stats.get("bytes_in_use", 0)) * len(jax.local_devices())
 
-    Every 100 steps the loss is checked (a non-finite one returns the initial state, i.e.
-    nearest rounding and calibrated clips, with ``stopped = {'step', 'loss'}``) and reported.
+
+def device_activations(arrays: Sequence[np.ndarray | None], dtype: str) -> tuple:
+    """A unit's calibration activations on the device(s) in ``dtype``: sharded along the image axis
+    over all local devices when their number divides the images, else on the default device.
+
+    Raises:
+      ValueError: they do not fit the memory the device reports free (GPU/TPU), naming their size
+        and the ways out.
+    """
+    arrays = [None if a is None else np.asarray(a) for a in arrays]
+    itemsize = jnp.dtype(dtype).itemsize
+    needed = sum(a.size * itemsize for a in arrays if a is not None)
+    free = free_device_bytes()
+    if free is not None:
+        if needed > 0.8 * free:
+            raise ValueError(f"a unit's calibration activations need {needed / 2**30:.2f} GiB on the device, "
+                             f"{free / 2**30:.2f} GiB are free: use fewer calibration images or "
+                             "activation_dtype='bfloat16' (--recon_activation_dtype=bfloat16)")
+    devices = jax.local_devices()
+    sharding = None
+    if len(devices) > 1 and len(arrays[0]) % len(devices) == 0:
+        mesh = jax.sharding.Mesh(np.asarray(devices), ("images",))
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("images"))
+    place = lambda a: jax.device_put(jnp.asarray(a, dtype), sharding) if sharding else jnp.asarray(a, dtype)
+    return tuple(None if a is None else place(a) for a in arrays)
+
+
+REPORT_EVERY = 100  # steps between loss checks and progress reports when steps run one per call
+
+
+def steps_per_call(config: ReconstructionConfig) -> int:
+    """``config.chunk_steps``, or by default 1 on the CPU and 100 elsewhere: XLA:CPU compiles the
+    weight-gradient convolutions inside a loop without its fast convolution kernels (40-90x
+    slower, BUILD_NOTES), so there each step is its own call, still sampling on the device."""
+    if config.chunk_steps is not None:
+        return config.chunk_steps
+    return 1 if jax.default_backend() == "cpu" else 100
+
+
+def _optimize(functions: UnitFunctions, state, unit_args, data, *, key, batch, hyper, config, report):
+    """``config.iterations`` Adam steps on mini-batches drawn on the device from the device-resident
+    ``data``, :func:`steps_per_call` steps per call; returns (state on the host, stopped, key).
+
+    Every ``max(steps per call, REPORT_EVERY)`` steps and at the end the loss is checked (a
+    non-finite one anywhere since the start returns the initial state, i.e. nearest rounding and
+    calibrated clips, with ``stopped = {'step', 'loss'}``) and progress reported. The mini-batches
+    and QDrop masks come from ``key`` alone, so a run resumed with the saved key is exact.
     """
     init_state, opt_state = state, _optimizer(config.rounding_lr, config.clip_lr).init(state)
-    for it in range(1, config.iterations + 1):
-        idx = np.sort(rng.choice(len(x_q), batch, replace=False))
-        key, sub = jax.random.split(key)
-        state, opt_state, loss, error = step(state, opt_state, *unit_args, x_q[idx], x_fp[idx], target[idx],
-                                             None if fisher is None else fisher[idx], sub,
-                                             jnp.float32(it - 1), hyper)
-        if it % 100 == 0 or it == config.iterations:
-            if not np.isfinite(float(loss)):
-                return init_state, {"step": it, "loss": float(loss)}, key
-            report(it, float(error))
-    return state, None, key
+    zero = jnp.zeros((), jnp.float32)
+    carry = (state, opt_state, key, zero, zero, jnp.asarray(False))
+    sharding = data[0].sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):  # the carry replicated, as the calls return it
+        carry = jax.device_put(carry, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
+    per_call = steps_per_call(config)
+    check_every = max(per_call, REPORT_EVERY)
+    done = 0
+    while done < config.iterations:
+        count = min(per_call, config.iterations - done)
+        if per_call == 1:
+            carry = functions.sampled_step(carry, jnp.int32(done), *unit_args, data, hyper, batch=batch)
+        else:
+            carry = functions.chunk(carry, jnp.int32(done), jnp.int32(count), *unit_args, data, hyper, batch=batch)
+        done += count
+        if done % check_every == 0 or done == config.iterations:
+            if bool(carry[5]):
+                return init_state, {"step": done, "loss": float(carry[3])}, carry[2]
+            report(done, float(carry[4]))
+    return jax.device_get(carry[0]), None, carry[2]  # on the host, as it came in (one layout for the error function)
 
 
 def integer_kernel(kernel: jax.Array, scale: jax.Array, up: Any, lq: LayerQuant) -> jax.Array:
@@ -596,6 +734,7 @@ def quantized_variables(variables: Mapping, policy: Mapping[str, LayerQuant],
 
 
 STATE_FILE = "reconstruction.json"
+LOOP_VERSION = "device-chunks-1"  # in the fingerprint: a partial state of another loop is not resumed
 
 
 def save(directory: str, result: ReconstructionResult) -> str:
