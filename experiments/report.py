@@ -17,6 +17,7 @@ results.json files only, plus a table of other results it finds (--find: QAT, de
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import glob
 import os
@@ -115,12 +116,9 @@ def render(config: ReportConfig, all_settings, outcomes, found) -> str:
     resnets = [s for s in all_settings if s.study_model == "resnet18"]
     deits = [s for s in all_settings if s.study_model == "deit_tiny"]
     vits = [s for s in all_settings if s.vit]
-    status = {}
-    for o in outcomes.values():
-        status[o.status] = status.get(o.status, 0) + 1
     out = [f"# The study reproduced: {config.mode} report", "",
            f"Made by `{command_line(config)}` from the "
-           f"results.json files under `{config.workdir}` ({', '.join(f'{n} {k}' for k, n in sorted(status.items()))} "
+           f"results.json files under `{config.workdir}` ({status_summary(o.status for o in outcomes.values())} "
            f"runs). Machine: {_machine(outcomes)}.",
            ""]
     if quick:
@@ -145,10 +143,10 @@ def render(config: ReportConfig, all_settings, outcomes, found) -> str:
     out += tables.bit_distribution_table(results, all_settings)
     out += ["", "## Table 4: standard vs ranking-aware PTQ (ViTs)", ""]
     out += tables.ranking_table(results, vits) if vits else ["No ViT setting selected."]
-    out += [""] + [line for s in vits for line in _command_line(results, s, "ranking")]
+    out += [""] + [line for s in vits for line in results.command_lines(s, ["ranking"])]
     out += ["", "## Table 5: most sensitive and most robust layers", ""]
     out += tables.sensitivity_table(results, all_settings)
-    out += [""] + [line for s in all_settings for line in _command_line(results, s, "sensitivity")]
+    out += [""] + [line for s in all_settings for line in results.command_lines(s, ["sensitivity"])]
     out += ["", "## Figure 1: MAC vs memory energy", "", "Memory share of the total energy (paper preset):", ""]
     out += tables.memory_share_table(results, all_settings) + [""]
     out += _figure(tables.energy_figure(results, all_settings, f"{figures}/energy.png", suffix), "energy.png",
@@ -192,9 +190,9 @@ def command_line(config: ReportConfig) -> str:
     return " ".join(parts)
 
 
-def _command_line(results, setting, name) -> list[str]:
-    command = results.command(setting, name)
-    return [f"- `{setting.key}/{name}`: `{command}`"] if command and results.get(setting, name) else []
+def status_summary(statuses) -> str:
+    """``'3 ran, 18 reused'``: how many runs ended in each status."""
+    return ", ".join(f"{n} {k}" for k, n in sorted(collections.Counter(statuses).items()))
 
 
 def _figure(made: bool, name: str, what: str) -> list[str]:
@@ -230,10 +228,7 @@ def run(config: ReportConfig, *, all_settings=None, log: Callable[[str], None] =
 def main(argv):
     del argv
     r = run(config_from_flags())
-    counts = {}
-    for status in r["outcomes"].values():
-        counts[status] = counts.get(status, 0) + 1
-    print(f"wrote {r['report']} ({', '.join(f'{n} {k}' for k, n in sorted(counts.items()))} runs)")
+    print(f"wrote {r['report']} ({status_summary(r['outcomes'].values())} runs)")
 
 
 if __name__ == "__main__":

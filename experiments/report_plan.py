@@ -260,25 +260,24 @@ def execute(runs: Sequence[Run], all_settings: Sequence[Setting], *, run_missing
     fails is ``failed`` with its log's path (the others still run). Returns outcomes by key.
     """
     reasons = {s.key: s.missing() for s in all_settings}
-    outcomes: dict[str, Outcome] = {}
-    todo = [r for r in runs if read_if_same(r) is None and not (r.prepared and os.path.exists(r.prepared))
-            and not (reasons.get(r.setting) and r.module != "experiments.energy")]
-    spent, ran = 0.0, 0
-    for run in runs:
+
+    def settled(run: Run) -> Outcome | None:
+        """The outcome of a run that needs no running, else None."""
         if reasons.get(run.setting) and run.module != "experiments.energy":  # the energy model needs no data
-            outcomes[run.key] = Outcome(run, "missing", reason="setting missing here")
-            continue
+            return Outcome(run, "missing", reason="setting missing here")
         if run.prepared and os.path.exists(run.prepared):
-            outcomes[run.key] = Outcome(run, "reused")
-            continue
+            return Outcome(run, "reused")
         payload = read_if_same(run)
         if payload is not None:
-            outcomes[run.key] = Outcome(run, "reused", payload)
-            continue
+            return Outcome(run, "reused", payload)
         if not run_missing:
-            outcomes[run.key] = Outcome(run, "skipped", reason="not run (--run=false) and no results.json "
-                                                              "from the same command")
-            continue
+            return Outcome(run, "skipped", reason="not run (--run=false) and no results.json from the same command")
+        return None
+
+    outcomes: dict[str, Outcome | None] = {run.key: settled(run) for run in runs}
+    todo = [run for run in runs if outcomes[run.key] is None]
+    spent, ran = 0.0, 0
+    for run in todo:
         left = len(todo) - ran
         eta = f", about {spent / ran * left / 60:.0f} min left" if ran else ""
         log(f"[report] {ran + 1}/{len(todo)} {run.key}{eta}: {run.command}")

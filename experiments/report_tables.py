@@ -38,6 +38,12 @@ class Results:
         outcome = self.outcomes.get(f"{setting.key}/{name}")
         return outcome.run.command if outcome else None
 
+    def command_lines(self, setting: Setting, names: Sequence[str], *, indent: str = "",
+                      qualified: bool = True) -> list[str]:
+        """``- `setting/name`: `command` `` for each of ``names`` whose result exists."""
+        return [f"{indent}- `{f'{setting.key}/' if qualified else ''}{name}`: `{self.command(setting, name)}`"
+                for name in names if self.command(setting, name) and self.get(setting, name)]
+
     def fp32(self, setting: Setting) -> tuple[float, float] | None:
         """(top-1, top-5) of FP32, as the first PTQ run of the setting measured it."""
         for name in ("ptq_w8", "ptq_w6", "ptq_w4"):
@@ -56,11 +62,7 @@ def _delta(value, base) -> str:
 
 
 def _commands(results: Results, setting: Setting, names: Sequence[str]) -> list[str]:
-    lines = []
-    for name in names:
-        command = results.command(setting, name)
-        if command and results.get(setting, name):
-            lines.append(f"  - `{name}`: `{command}`")
+    lines = results.command_lines(setting, names, indent="  ", qualified=False)
     return ["", "- Commands:", *lines] if lines else []
 
 
@@ -211,13 +213,12 @@ def beyond_table(results: Results, all_settings: Sequence[Setting]) -> list[str]
             split = " / ".join(str(counts.get(str(b), 0)) for b in (4, 6, 8)) if counts else DASH
             lines.append(f"| {s.key} | {label} | {_f(r['top1'])} | {_delta(r['top1'], fp32[0] if fp32 else None)} | "
                          f"{_f(r['energy']['relative'], 4)} | {split} |")
-            commands.append(f"  - `{s.key}/{name}`: `{results.command(s, name)}`")
         v = results.get(s, "vit_quantizers")
         if v:
             for row in v["rows"]:
                 lines.append(f"| {s.key} | W{row['bits']}A{row['bits']} {row['method']} | {_f(row['top1'])} | "
                              f"{_delta(row['top1'], v['fp32_top1'])} | {DASH} | {DASH} |")
-            commands.append(f"  - `{s.key}/vit_quantizers`: `{results.command(s, 'vit_quantizers')}`")
+        commands += results.command_lines(s, [name for name, _ in BEYOND] + ["vit_quantizers"], indent="  ")
     return lines + ([""] + ["- Commands:", *commands] if commands else [])
 
 

@@ -42,7 +42,7 @@ import optax
 from eqjax import storage
 from eqjax.quant import apply, calibration, intercept, nnx_model, numerics, policy as policy_lib
 from eqjax.quant.layers import is_weighted
-from eqjax.algorithms import ranking
+from eqjax.algorithms import metrics, ranking
 from eqjax.algorithms import reconstruction_core as core
 from eqjax.quant.policy import LayerQuant, Policy
 
@@ -80,9 +80,9 @@ class ReconstructionConfig:
       activation_dtype: how a unit's calibration activations (inputs, targets, Fisher weights)
         are held on the device: ``float32`` or ``bfloat16`` (half the memory; each mini-batch
         is computed in float32).
-      chunk_steps: optimisation steps per device call (a ``lax.fori_loop``); None: 1 on the CPU,
+      chunk_steps: optimisation steps per compiled call (a ``lax.fori_loop``); None: 1 on the CPU,
         100 elsewhere (:func:`steps_per_call`). The loss is checked for non-finite values and
-        progress reported every ``max(chunk_steps, 100)`` steps.
+        progress reported at the first call end at least 100 steps after the last check.
     """
 
     method: str = "brecq"
@@ -654,21 +654,19 @@ def device_activations(arrays: Sequence[np.ndarray | None], dtype: str) -> tuple
     itemsize = jnp.dtype(dtype).itemsize
     needed = sum(a.size * itemsize for a in arrays if a is not None)
     free = free_device_bytes()
-    if free is not None:
-        if needed > 0.8 * free:
-            raise ValueError(f"a unit's calibration activations need {needed / 2**30:.2f} GiB on the device, "
-                             f"{free / 2**30:.2f} GiB are free: use fewer calibration images or "
-                             "activation_dtype='bfloat16' (--recon_activation_dtype=bfloat16)")
-    devices = jax.local_devices()
+    if free is not None and needed > 0.8 * free:
+        raise ValueError(f"a unit's calibration activations need {needed / 2**30:.2f} GiB on the device, "
+                         f"{free / 2**30:.2f} GiB are free: use fewer calibration images or "
+                         "activation_dtype='bfloat16' (--recon_activation_dtype=bfloat16)")
+    mesh = metrics.data_mesh()
     sharding = None
-    if len(devices) > 1 and len(arrays[0]) % len(devices) == 0:
-        mesh = jax.sharding.Mesh(np.asarray(devices), ("images",))
-        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("images"))
+    if mesh.size > 1 and len(arrays[0]) % mesh.size == 0:
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     place = lambda a: jax.device_put(jnp.asarray(a, dtype), sharding) if sharding else jnp.asarray(a, dtype)
     return tuple(None if a is None else place(a) for a in arrays)
 
 
-REPORT_EVERY = 100  # steps between loss checks and progress reports when steps run one per call
+REPORT_EVERY = 100  # steps between loss checks and progress reports (at least)
 
 
 def steps_per_call(config: ReconstructionConfig) -> int:
@@ -684,7 +682,8 @@ def _optimize(functions: UnitFunctions, state, unit_args, data, *, key, batch, h
     """``config.iterations`` Adam steps on mini-batches drawn on the device from the device-resident
     ``data``, :func:`steps_per_call` steps per call; returns (state on the host, stopped, key).
 
-    Every ``max(steps per call, REPORT_EVERY)`` steps and at the end the loss is checked (a
+    At the first call end at least ``REPORT_EVERY`` steps after the last check, and at the end,
+    the loss is checked (a
     non-finite one anywhere since the start returns the initial state, i.e. nearest rounding and
     calibrated clips, with ``stopped = {'step', 'loss'}``) and progress reported. The mini-batches
     and QDrop masks come from ``key`` alone, so a run resumed with the saved key is exact.
@@ -696,8 +695,7 @@ def _optimize(functions: UnitFunctions, state, unit_args, data, *, key, batch, h
     if isinstance(sharding, jax.sharding.NamedSharding):  # the carry replicated, as the calls return it
         carry = jax.device_put(carry, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
     per_call = steps_per_call(config)
-    check_every = max(per_call, REPORT_EVERY)
-    done = 0
+    done, next_check = 0, REPORT_EVERY
     while done < config.iterations:
         count = min(per_call, config.iterations - done)
         if per_call == 1:
@@ -705,7 +703,8 @@ def _optimize(functions: UnitFunctions, state, unit_args, data, *, key, batch, h
         else:
             carry = functions.chunk(carry, jnp.int32(done), jnp.int32(count), *unit_args, data, hyper, batch=batch)
         done += count
-        if done % check_every == 0 or done == config.iterations:
+        if done >= next_check or done == config.iterations:
+            next_check = done + REPORT_EVERY
             if bool(carry[5]):
                 return init_state, {"step": done, "loss": float(carry[3])}, carry[2]
             report(done, float(carry[4]))
