@@ -38,9 +38,11 @@ from eqjax.ptq import quantize as quantize_model
 
 # The short names user code has always imported (``eqjax.numerics``, ``import eqjax.reconstruction``)
 # are the grouped modules themselves: one module object under two names, nothing copied.
-_GROUPED = {"quant": ("numerics", "calibration", "policy", "layers", "intercept", "nnx_model", "apply", "folding"),
+_GROUPED = {"quant": ("numerics", "calibration", "policy", "layers", "intercept", "nnx_model", "apply", "folding",
+                      "equalization"),
             "algorithms": ("energy", "sensitivity", "second_order", "mixed_precision", "allocation", "ranking",
-                           "ranking_core", "reconstruction", "reconstruction_core", "qat", "vit_quant", "pareto", "metrics")}
+                           "ranking_core", "reconstruction", "reconstruction_core", "qat", "width_search", "vit_quant", "pareto",
+                           "metrics")}
 for _package, _names in _GROUPED.items():
     for _name in _names:
         _module = importlib.import_module(f"eqjax.{_package}.{_name}")

@@ -120,19 +120,20 @@ def resume(checkpoints: Checkpoints, state: Any, fingerprint: dict[str, Any], *,
 
 
 def fit(state: Any, step_fn: Callable, images: np.ndarray, labels: np.ndarray, *, batch_size: int, epochs: int,
-        seed: int, checkpoints: Checkpoints, meta: Callable[[], dict], evaluate: Callable[[Any], dict],
+        seed: int, checkpoints: Checkpoints, meta: Callable[[], dict], evaluate: Callable[[Any], dict] | None,
         curve: list, learning_rate: Callable[[int], Any], batch_sharding: Any, log_every: int,
         checkpoint_every: int, started: float, eval_every: int = 1, on_step: Callable[[int], None] | None = None,
-        on_epoch: Callable[[], None] | None = None) -> Any:
+        on_epoch: Callable[[], None] | None = None, on_log: Callable[[int, dict], None] | None = None) -> Any:
     """Runs ``step_fn(state, images, labels) -> (state, metrics)`` from ``state.step`` to the end.
 
     Epoch ``e`` visits the images in :func:`epoch_order` ``(seed, e)``, ``batch_size`` at a time
     (a last partial batch is dropped). Every ``log_every`` steps a progress line (loss, accuracy,
     learning rate, img/s, ETA; a non-finite loss stops the run); at every epoch end a curve entry
     (the mean of every metric over the epoch as ``train_<name>``, ``evaluate(state)``'s ``top1``
-    and ``top5`` every ``eval_every`` epochs and after the last, else None, the wall time), a
-    checkpoint and ``on_epoch()``;
-    also a checkpoint every ``checkpoint_every`` steps. ``curve`` is extended in place.
+    and ``top5`` every ``eval_every`` epochs and after the last, else None (always None without
+    ``evaluate``), the wall time), a checkpoint and ``on_epoch()``; also a checkpoint every
+    ``checkpoint_every`` steps. ``curve`` is extended in place.
+    ``on_log(step, metrics)`` receives the step's metrics (floats) with every progress line.
 
     Returns:
       The final state.
@@ -166,8 +167,10 @@ def fit(state: Any, step_fn: Callable, images: np.ndarray, labels: np.ndarray, *
                        f"acc {100 * float(step_metrics['accuracy']):.1f}% lr {float(learning_rate(step)):.4g} "
                        f"{rate:.0f} img/s ETA {format_seconds(eta)}")
             window_start, window_images = now, 0
+            if on_log is not None:
+                on_log(step, {name: float(value) for name, value in step_metrics.items()})
         if step % steps_per_epoch == 0:
-            due = (step // steps_per_epoch) % eval_every == 0 or step == total_steps
+            due = evaluate is not None and ((step // steps_per_epoch) % eval_every == 0 or step == total_steps)
             evaluation = evaluate(state) if due else {"top1": None, "top5": None}
             means = {name: float(np.mean([float(m[name]) for m in epoch_metrics])) for name in epoch_metrics[0]}
             entry = {"epoch": step // steps_per_epoch, "step": step, "train_loss": means.pop("loss"),

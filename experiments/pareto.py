@@ -32,19 +32,33 @@ def define_flags() -> None:
 
 def _method(result: dict) -> str:
     """``nearest`` (round-to-nearest PTQ), the reconstruction method of a result, ``qat`` (a
-    quantization-aware trained model: experiments.qat, or experiments.ptq --qat_state) or
-    ``control`` (experiments.qat --control, the full-precision model fine-tuned alike)."""
+    quantization-aware trained model: experiments.qat, or experiments.ptq --qat_state), ``learned``
+    (widths learned under a budget, then QAT: experiments.qat --learn_bits) or ``control``
+    (experiments.qat --control, the full-precision model fine-tuned alike)."""
     if result.get("experiment") == "qat":
-        return "control" if result.get("control") else "qat"
+        return "control" if result.get("control") else "learned" if result.get("width_search") else "qat"
     if result.get("qat"):
         return "qat"
     return (result.get("reconstruction") or {}).get("method", "nearest")
 
 
+def _widths(result: dict) -> str:
+    """``W4A4`` for a uniform policy, ``mixed`` for one from --bits_json, ``learned`` for --learn_bits."""
+    if result.get("width_search"):
+        return "learned"
+    if result.get("config", {}).get("bits_json"):
+        return "mixed"
+    return f"W{result.get('w_bits')}A{result.get('a_bits')}"
+
+
 def _label(result: dict, path: str) -> str:
     method = _method(result)
     if result.get("experiment") == "qat":
-        return result["method"] if result.get("control") else f"W{result.get('w_bits')}A{result.get('a_bits')} {result['method']}"
+        if result.get("control"):
+            return result["method"]
+        if result.get("width_search"):
+            return f"learned widths + QAT {result['energy']['relative']:.3f}"
+        return f"{_widths(result)} {result['method']}"
     if result.get("qat"):
         return f"W{result.get('w_bits')}A{result.get('a_bits')} {result['qat'].get('method', 'QAT')} (loaded)"
     suffix = ("" if method == "nearest" else f" + {method}") + (
@@ -78,7 +92,7 @@ def load_points(patterns) -> list[dict]:
                        "top1": result["top1"]})
         if result.get("experiment") == "qat" and result.get("nearest_top1") is not None:  # its start, same widths
             points.append({"model": result["model"], "path": path, "method": "nearest",
-                           "label": f"W{result.get('w_bits')}A{result.get('a_bits')} round-to-nearest (QAT start)",
+                           "label": f"{_widths(result)} round-to-nearest (QAT start)",
                            "relative_energy": result["energy"]["relative"], "top1": result["nearest_top1"]})
         fp32 = {"model": result["model"], "label": "FP32", "path": path, "method": "nearest",
                 "relative_energy": 1.0, "top1": result["fp32_top1"]}
@@ -91,10 +105,12 @@ def _plot(path, by_model):
     plt = common.pyplot()
     fig, axes = plt.subplots(1, len(by_model), figsize=(6 * len(by_model), 4.5), squeeze=False)
     for ax, (model, (points, front, nearest_front)) in zip(axes[0], by_model.items()):
-        kinds = [p["method"] if p["method"] in ("nearest", "qat", "control") else "reconstructed" for p in points]
+        kinds = [p["method"] if p["method"] in ("nearest", "qat", "learned", "control") else "reconstructed"
+                 for p in points]
         reconstructed = [k != "nearest" for k in kinds]
         for kind, color, name in (("nearest", "grey", "round-to-nearest"), ("reconstructed", "tab:blue", "reconstructed"),
-                                  ("qat", "tab:green", "QAT"), ("control", "black", "FP32 control")):
+                                  ("qat", "tab:green", "QAT"), ("learned", "tab:purple", "learned widths + QAT"),
+                                  ("control", "black", "FP32 control")):
             mine = [p for p, k in zip(points, kinds) if k == kind]
             if mine:
                 ax.scatter([p["relative_energy"] for p in mine], [p["top1"] for p in mine], color=color, label=name)

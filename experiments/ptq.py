@@ -48,6 +48,8 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", "runs/default", "Output folder; results go to WORKDIR/ptq/.")
     flags.DEFINE_string("qat_state", None, "Evaluate the trained quantized model that experiments.qat wrote "
                         "(WORKDIR/qat/final) instead of calibrating; its bits replace --bits.")
+    flags.DEFINE_bool("equalize", False, "Cross-layer equalization before calibration (Nagel et al., 2019): the "
+                      "model's ReLU variant, BatchNorms folded, channel ranges of each layer pair equalized.")
     workload_lib.define_reconstruction_flags()
 
 
@@ -62,14 +64,16 @@ class PtqRunConfig:
     reconstruction: reconstruction_lib.ReconstructionConfig | None = None
     recon_state: str | None = None  # a saved reconstructed state to reuse
     fold_batchnorm: bool = False
+    equalize: bool = False
     bias_correction: bool = False
     qat_state: str | None = None  # a trained quantized model (experiments.qat) to evaluate
 
 
 def config_from_flags() -> PtqRunConfig:
-    if FLAGS.qat_state and (FLAGS.reconstruct != "none" or FLAGS.fold_batchnorm or FLAGS.bias_correction):
+    if FLAGS.qat_state and (FLAGS.reconstruct != "none" or FLAGS.fold_batchnorm or FLAGS.bias_correction
+                            or FLAGS.equalize):
         raise ValueError("--qat_state evaluates a trained model as it is: leave out --reconstruct, "
-                         "--fold_batchnorm and --bias_correction")
+                         "--fold_batchnorm, --equalize and --bias_correction")
     names = {"w_bits": "w_bits" if FLAGS.w_bits is not None else "bits",
              "a_bits": "a_bits" if FLAGS.a_bits is not None else "bits"}
     w_bits = FLAGS.w_bits if FLAGS.w_bits is not None else FLAGS.bits
@@ -80,7 +84,8 @@ def config_from_flags() -> PtqRunConfig:
                                                                flag_names=names),
                         workdir=FLAGS.workdir, bits=FLAGS.bits,
                         reconstruction=workload_lib.reconstruction_config_from_flags(), recon_state=FLAGS.recon_state,
-                        fold_batchnorm=FLAGS.fold_batchnorm, bias_correction=FLAGS.bias_correction,
+                        fold_batchnorm=FLAGS.fold_batchnorm, equalize=FLAGS.equalize,
+                        bias_correction=FLAGS.bias_correction,
                         qat_state=FLAGS.qat_state)
 
 
@@ -118,12 +123,15 @@ def run(config: PtqRunConfig, *, log: Callable[[str], None] = common.log) -> dic
     out = common.output_dir(config.workdir, "ptq")
     work = workload_lib.open_workload(config.workload, log=log)
     w_bits, a_bits = config.ptq.w_bits, config.ptq.activation_bits
+    equalization_info = None
     if config.qat_state:
         state, qat_info = _load_qat_state(config.qat_state, work)
         calibration_s, recon_info = 0.0, None
         w_bits, a_bits = qat_info["w_bits"], qat_info["a_bits"]
     else:
-        if config.fold_batchnorm:
+        if config.equalize:  # folds the BatchNorms too
+            equalization_info = work.equalize()
+        elif config.fold_batchnorm:
             work.fold_batchnorm()
         stats, calibration_s = work.collect_stats()
         policy = work.calibrated(stats, config.ptq)
@@ -139,7 +147,7 @@ def run(config: PtqRunConfig, *, log: Callable[[str], None] = common.log) -> dic
                                       "workdir": config.workdir, "reconstruct": (config.reconstruction.method
                                                                                  if config.reconstruction else "none"),
                                       "recon_state": config.recon_state,
-                                      "fold_batchnorm": config.fold_batchnorm,
+                                      "fold_batchnorm": config.fold_batchnorm, "equalize": config.equalize,
                                       "bias_correction": config.bias_correction,
                                       "qat_state": config.qat_state})
     result.update({
@@ -147,7 +155,7 @@ def run(config: PtqRunConfig, *, log: Callable[[str], None] = common.log) -> dic
         "activation_clips": {n: {"clip": lq.a_clip, "signed": lq.a_signed} for n, lq in policy.items()},
         "top1": quant["top1"], "top5": quant["top5"], "fp32_top1": fp32["top1"], "fp32_top5": fp32["top5"],
         "energy": work.energy_of(bits),
-        "reconstruction": recon_info,
+        "reconstruction": recon_info, "equalization": equalization_info,
         "qat": qat_info if config.qat_state else None,
         "wall_times_s": {"calibration": calibration_s, "fp32_eval": fp32["seconds"],
                          "reconstruction": recon_info["wall_time_s"] if recon_info else 0.0,

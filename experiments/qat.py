@@ -25,6 +25,12 @@ with distillation:
         --w_bits=4 --a_bits=8 --calib_method=mse --weight_method=mse --distill_weight=1 --epochs=3 \
         --train_batch_size=32 --workdir=runs/qat_lite0_w4a8
 
+``--learn_bits --budget=0.10505`` first learns every layer's weight and activation widths among
+``--candidate_bits`` under the budgets (:mod:`eqjax.algorithms.width_search`; checkpointed in
+WORKDIR/qat/search, the finished search kept in WORKDIR/qat/search/result), then trains at the
+fixed widths; results.json's ``width_search`` holds the widths, the usage of every budget
+against it, the search curve and each layer's probabilities.
+
 BUILD_NOTES.md has the measured figures and their run times. Writes WORKDIR/qat/results.json
 (config, environment, bits and energy per layer, FP32 / round-to-nearest / QAT top-1 and top-5,
 the per-epoch curve, training-set accuracy, wall times; rewritten after every epoch),
@@ -36,18 +42,21 @@ evaluates and ``experiments.pareto`` draws as a QAT point.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import flags
 from jax.sharding import NamedSharding, PartitionSpec
 
 from eqjax import data, ptq, training
-from eqjax.algorithms import metrics, qat, reconstruction as reconstruction_lib
+from eqjax.algorithms import allocation, energy, metrics, qat, reconstruction as reconstruction_lib, width_search
 from eqjax.quant import policy as policy_lib
 from experiments import common, loop, workload as workload_lib
 
@@ -56,6 +65,11 @@ FLAGS = flags.FLAGS
 # weights already costs points in six steps; step sizes learn at ten times the weights' rate.
 DEFAULT_LEARNING_RATES = {"sgd": 2e-5, "adamw": 1e-6}
 TRAIN_ACCURACY_IMAGES = 1024  # training images evaluated at the end (the over-fitting gap)
+DEFAULT_CANDIDATES = (2, 3, 4, 6, 8)
+WIDTH_INITS = ("uniform", "fisher")
+FISHER_MICRO_BATCH = 8  # images per weight-gradient sample of the warm start's estimate (experiments.mixed's default)
+SEARCH_FLAGS = ("budget", "max_gbops", "max_weight_mb", "max_avg_weight_bits", "candidate_bits", "search_epochs",
+                "relaxation", "budget_penalty", "fill_budget", "width_learning_rate", "width_init")
 # Fields that may differ between a run and its resumption (they do not change the parameters).
 RESUMABLE_CHANGES = ("workdir", "resume", "log_every", "checkpoint_every", "eval_every")
 
@@ -84,6 +98,22 @@ def define_flags() -> None:
     flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing of the cross-entropy.")
     flags.DEFINE_bool("lsq_gradient_scale", True, "Scale step-size gradients by LSQ's 1/sqrt(N * Q_P).")
     flags.DEFINE_bool("control", False, "Train the FP32 control (same schedule, data and loss, no quantization).")
+    flags.DEFINE_bool("learn_bits", False, "First learn every layer's weight and activation widths under the "
+                      "budgets (the study's eq. 2 by gradient descent), then train at them.")
+    flags.DEFINE_float("budget", None, "--learn_bits: relative energy budget E/E_FP32 (--energy_preset's model).")
+    flags.DEFINE_float("max_gbops", None, "--learn_bits: budget of giga bit-operations (MACs x w_bits x a_bits).")
+    flags.DEFINE_float("max_weight_mb", None, "--learn_bits: budget of weight storage in MB (biases as float32).")
+    flags.DEFINE_float("max_avg_weight_bits", None, "--learn_bits: budget of average bits per weight.")
+    flags.DEFINE_list("candidate_bits", list(map(str, DEFAULT_CANDIDATES)), "--learn_bits: the widths a layer may take.")
+    flags.DEFINE_integer("search_epochs", 1, "--learn_bits: epochs of the width search before the --epochs of QAT.")
+    flags.DEFINE_enum("relaxation", "soft", list(width_search.RELAXATIONS), "--learn_bits: soft: the forward pass "
+                      "mixes the candidates' tensors by probability; hard: it takes the most probable one.")
+    flags.DEFINE_float("budget_penalty", 10.0, "--learn_bits: weight of the budget penalty.")
+    flags.DEFINE_bool("fill_budget", True, "--learn_bits: drive the binding budget's usage to the budget (else only "
+                      "penalise usage above the budgets).")
+    flags.DEFINE_float("width_learning_rate", 0.1, "--learn_bits: Adam learning rate of the width preferences.")
+    flags.DEFINE_enum("width_init", "uniform", list(WIDTH_INITS), "--learn_bits: uniform: every candidate equally "
+                      "likely; fisher: the budget MILP's widths from the one-pass Fisher estimate made likely.")
     flags.DEFINE_integer("eval_every", 1, "Evaluate every N epochs (and after the last).")
     flags.DEFINE_integer("checkpoint_every", 500, "Also checkpoint every N steps (always at epoch ends).")
     flags.DEFINE_integer("log_every", 20, "Progress line every N steps.")
@@ -101,6 +131,10 @@ class QatRunConfig:
     bits_json: str | None = None
     reconstruction: reconstruction_lib.ReconstructionConfig | None = None
     recon_state: str | None = None
+    search: width_search.SearchConfig | None = None
+    search_epochs: int = 1
+    width_learning_rate: float = 0.1
+    width_init: str = "uniform"
     train_dataset: str | None = None
     train_images: int | None = None
     epochs: int = 1
@@ -124,11 +158,12 @@ class QatRunConfig:
             object.__setattr__(self, "learning_rate", DEFAULT_LEARNING_RATES.get(self.optimizer, 0.01))
         if self.step_learning_rate is None:
             object.__setattr__(self, "step_learning_rate", 10 * self.learning_rate)
-        for name in ("epochs", "train_batch_size", "eval_every", "checkpoint_every", "log_every", "train_images"):
+        for name in ("epochs", "train_batch_size", "eval_every", "checkpoint_every", "log_every", "train_images",
+                     "search_epochs"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name} must be >= 1, got {value}")
-        for name in ("learning_rate", "step_learning_rate"):
+        for name in ("learning_rate", "step_learning_rate", "width_learning_rate"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
         if self.weight_decay < 0:
@@ -141,6 +176,15 @@ class QatRunConfig:
             raise ValueError(f"--schedule must be one of {training.SCHEDULES}, got {self.schedule!r}")
         if self.control and (self.qat.asymmetric or self.reconstruction is not None):
             raise ValueError("--control trains the FP32 model: --asymmetric and --reconstruct do not apply to it")
+        if self.width_init not in WIDTH_INITS:
+            raise ValueError(f"--width_init must be one of {WIDTH_INITS}, got {self.width_init!r}")
+        if self.search is not None:
+            clash = [flag for flag, given in (("--control", self.control), ("--bits_json", self.bits_json),
+                                              ("--reconstruct", self.reconstruction is not None),
+                                              ("--asymmetric", self.qat.asymmetric)) if given]
+            if clash:
+                raise ValueError(f"--learn_bits chooses the widths itself and learns symmetric grids: leave out "
+                                 f"{', '.join(clash)}")
         if self.reconstruction is not None and self.qat.batchnorm != "fold":
             raise ValueError("--reconstruct needs --batchnorm=fold (the reconstructed weights are the folded ones)")
         devices = jax.local_device_count()
@@ -151,6 +195,27 @@ class QatRunConfig:
     @property
     def train_spec(self) -> str:
         return self.train_dataset or self.workload.calib_dataset
+
+
+def _search_from_flags() -> width_search.SearchConfig | None:
+    """The width search of ``--learn_bits`` (None without it; its flags alone are an error)."""
+    if not FLAGS.learn_bits:
+        given = [f"--{name}" for name in SEARCH_FLAGS if FLAGS[name].present]
+        if given:
+            raise ValueError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --learn_bits")
+        return None
+    budgets = tuple((kind, FLAGS[flag].value) for kind, flag in (
+        ("relative_energy", "budget"), ("gbops", "max_gbops"), ("weight_mb", "max_weight_mb"),
+        ("avg_weight_bits", "max_avg_weight_bits")) if FLAGS[flag].value is not None)
+    if not budgets:
+        raise ValueError("--learn_bits needs a budget: --budget (relative energy) and/or --max_gbops, "
+                         "--max_weight_mb, --max_avg_weight_bits")
+    names = {"candidate_bits": "candidate_bits", "budgets": "budget", "penalty": "budget_penalty",
+             "relaxation": "relaxation"}
+    return workload_lib.translate_errors(lambda: width_search.SearchConfig(
+        budgets=budgets, candidate_bits=workload_lib.parse_bits(FLAGS.candidate_bits, "candidate_bits"),
+        relaxation=FLAGS.relaxation, penalty=FLAGS.budget_penalty, fill_budget=FLAGS.fill_budget,
+        energy_model=energy.get_preset(FLAGS.energy_preset)), names)
 
 
 def config_from_flags() -> QatRunConfig:
@@ -174,7 +239,9 @@ def config_from_flags() -> QatRunConfig:
             a_bits=FLAGS.a_bits if FLAGS.a_bits is not None else FLAGS.bits,
             keep_first_last_bits=FLAGS.keep_first_last_bits or None, flag_names=names),
         qat=qat_config, bits_json=FLAGS.bits_json, reconstruction=workload_lib.reconstruction_config_from_flags(),
+        search=_search_from_flags(),
         **{name: FLAGS[name].value for name in (
+            "search_epochs", "width_learning_rate", "width_init",
             "train_dataset", "train_images", "epochs", "train_batch_size", "optimizer", "learning_rate",
             "step_learning_rate", "weight_decay", "schedule", "warmup_fraction", "augment", "control",
             "eval_every", "checkpoint_every", "log_every", "resume", "workdir", "recon_state")})
@@ -235,9 +302,11 @@ def run(config: QatRunConfig, *, on_step: Callable[[int], None] | None = None) -
     out = common.output_dir(config.workdir, "qat")
     checkpoints = loop.Checkpoints(os.path.join(os.path.abspath(out), "checkpoints"))
     try:
-        if checkpoints.latest() is not None and not config.resume:
-            raise FileExistsError(f"{checkpoints.directory} holds checkpoints up to step {checkpoints.latest()}; "
-                                  "pass --resume to continue that run or choose another --workdir")
+        search_checkpoints = os.path.join(os.path.abspath(out), "search", "checkpoints")
+        for directory in (checkpoints.directory, search_checkpoints):
+            if os.path.isdir(directory) and os.listdir(directory) and not config.resume:
+                raise FileExistsError(f"{directory} holds checkpoints; pass --resume to continue that run or "
+                                      "choose another --workdir")
         return _run(config, out, checkpoints, started, on_step)
     finally:
         checkpoints.close()
@@ -247,22 +316,30 @@ def _run(config: QatRunConfig, out: str, checkpoints: loop.Checkpoints, started:
          on_step: Callable[[int], None] | None) -> dict[str, Any]:
     work = workload_lib.open_workload(config.workload)
     json_bits = workload_lib.read_bits_json(config.bits_json) if config.bits_json else None  # before any long work
+    kept = _kept_layers(config, work)
     train_images, train_labels = _training_images(config, work)
     stats, calibration_s = work.collect_stats()
     policy = work.calibrated_with_bits(stats, config.ptq, json_bits, flag=f"--bits_json={config.bits_json}")
     example = work.spec.example_input(1)
-    start_variables, weight_scales, recon_info = work.variables, None, None
-    if config.reconstruction is not None:
+    start_variables, weight_scales, recon_info, search_info = work.variables, None, None, None
+    if config.search is not None:
+        start, search_info = _search_widths(config, work, policy, stats, kept, train_images, train_labels, out, started,
+                                            on_step)
+        bits = {n: (b["w"], b["a"]) for n, b in search_info["bits"].items() if n in search_info["probabilities"]}
+        policy = work.calibrated(stats, config.ptq, policy=policy_lib.set_bits(policy, bits))  # round-to-nearest
+    elif config.reconstruction is not None:
         recon, recon_info = work.reconstruction_result(policy, config.ptq, config.reconstruction,
                                                        save_to=os.path.join(out, "reconstruction"),
                                                        load_from=config.recon_state)
         policy, weight_scales = recon.policy, recon.weight_scales
         start_variables = reconstruction_lib.quantized_variables(work.variables, recon.policy, recon.rounding,
                                                                  recon.weight_scales)
-    start = qat.prepare(work.model, start_variables, policy, work.calls, example=example, config=config.qat,
-                        weight_scales=weight_scales, statistics=stats, weight_method=config.ptq.weight_method)
+    if config.search is None:
+        start = qat.prepare(work.model, start_variables, policy, work.calls, example=example, config=config.qat,
+                            weight_scales=weight_scales, statistics=stats, weight_method=config.ptq.weight_method)
     setup = qat.control_setup(start.setup) if config.control else start.setup
-    method = "FP32 control" if config.control else "QAT" + (" LSQ+" if config.qat.asymmetric else "")
+    method = ("FP32 control" if config.control else "learned widths + QAT" if config.search is not None
+              else "QAT" + (" LSQ+" if config.qat.asymmetric else ""))
 
     fp32 = work.evaluate_fp32()
     nearest = None
@@ -308,7 +385,7 @@ def _run(config: QatRunConfig, out: str, checkpoints: loop.Checkpoints, started:
                    "num_train_images": len(train_images), "steps_per_epoch": steps_per_epoch,
                    "total_steps": total_steps, "fp32_top1": fp32["top1"], "fp32_top5": fp32["top5"],
                    "nearest_top1": nearest and nearest["top1"], "nearest_top5": nearest and nearest["top5"],
-                   "reconstruction": recon_info})
+                   "reconstruction": recon_info, "width_search": search_info})
     meta = lambda: {"config": _fingerprint(config), "curve": curve}
     common.log(f"{method} of {work.spec.name} on {len(train_images)} images: {config.epochs} epochs x "
                f"{steps_per_epoch} steps, batch {config.train_batch_size}, {config.optimizer} lr "
@@ -343,6 +420,109 @@ def _run(config: QatRunConfig, out: str, checkpoints: loop.Checkpoints, started:
     return result
 
 
+def _kept_layers(config: QatRunConfig, work: workload_lib.Workload) -> tuple[str, ...]:
+    """The layers whose widths a width search keeps (the first and last at --keep_first_last_bits,
+    unless 0); checks every budget against its smallest feasible value before any long work."""
+    if config.search is None:
+        return ()
+    kept = (work.layers[0], work.layers[-1]) if config.ptq.keep_first_last_bits else ()
+    policy = ptq.build_policy(work.calls, config.ptq)
+    searched = width_search.searched_layers(policy, kept)
+    counts = energy.count_layers(work.model, work.spec.example_input(1))
+    fixed = {n: b for n, b in policy_lib.bits_table(policy).items() if n not in searched}
+    workload_lib.translate_errors(lambda: width_search.check_budgets(counts, searched, fixed, config.search),
+                                  {kind: flag for kind, flag in (("relative_energy", "budget"), *(
+                                      (k, f"max_{k}") for k in allocation.BUDGET_KINDS[1:]))})
+    return kept
+
+
+def _search_widths(config: QatRunConfig, work: workload_lib.Workload, policy: dict, stats: dict, kept: tuple,
+                   images: np.ndarray, labels: np.ndarray, out: str, started: float,
+                   on_step: Callable[[int], None] | None) -> tuple[qat.QatStart, dict]:
+    """The width search (``--learn_bits``): ``(the QAT start at the learned widths, what the search
+    did for results.json)``. Checkpointed in WORKDIR/qat/search/checkpoints and resumed exactly; a
+    finished search is kept in WORKDIR/qat/search/result and reused by ``--resume``."""
+    example = work.spec.example_input(1)
+    search = width_search.prepare(work.model, work.variables, policy, work.calls, example=example,
+                                  config=config.search, calibrate=lambda p: work.calibrated(stats, config.ptq, policy=p),
+                                  qat_config=config.qat, keep=kept, weight_method=config.ptq.weight_method)
+    if config.width_init == "fisher":
+        estimate = work.second_order(stats, config.ptq, config.search.candidate_bits, method="fisher",
+                                     micro_batch=FISHER_MICRO_BATCH)
+        rows = {n: i for i, n in enumerate(estimate.layers)}
+        cost = {n: estimate.weight[rows[n]][:, None] + estimate.activation[rows[n]][None, :] for n in search.setup.searched}
+        search, report = width_search.warm_start(search, cost)
+        common.log("width search: starting from the Fisher MILP's widths (" + ", ".join(
+            f"{k} {v:.4g}" for k, v in report["usage"].items()) + ")")
+    directory = os.path.join(os.path.abspath(out), "search")
+    result_dir = os.path.join(directory, "result")
+    if os.path.isfile(os.path.join(result_dir, width_search.SEARCH_FILE)):
+        trainables, batch_stats, info = width_search.load(result_dir)
+        common.log(f"width search: reusing the finished search in {result_dir}")
+    else:
+        trainables, batch_stats, info = _run_search(config, work, search, images, labels, directory, started, on_step)
+        width_search.save(result_dir, trainables, batch_stats, info)
+    start = width_search.qat_start(work.model, search, trainables, batch_stats, info, work.calls, example=example,
+                                   qat_config=config.qat)
+    return start, info
+
+
+def _run_search(config: QatRunConfig, work: workload_lib.Workload, search: width_search.SearchStart,
+                images: np.ndarray, labels: np.ndarray, directory: str, started: float,
+                on_step: Callable[[int], None] | None) -> tuple[dict, Any, dict]:
+    """Trains the weights, step sizes and width preferences for --search_epochs; returns the
+    trainables, BatchNorm statistics and :func:`width_search.fix_widths`' result with the search curve."""
+    begin = time.perf_counter()
+    total_steps = config.search_epochs * (len(images) // config.train_batch_size)
+    warmup = int(config.warmup_fraction * total_steps)
+    schedules = [training.learning_rate_schedule(config.schedule, peak=peak, total_steps=total_steps, warmup_steps=warmup)
+                 for peak in (config.learning_rate, config.step_learning_rate)]
+    optimizer = qat.make_optimizer(
+        training.make_optimizer(config.optimizer, schedules[0], weight_decay=config.weight_decay),
+        training.make_optimizer(config.optimizer, schedules[1], weight_decay=0.0), optax.adam(config.width_learning_rate))
+    state = training.TrainState(jnp.zeros((), jnp.int32), search.trainables, search.variables.get("batch_stats", {}),
+                                optimizer.init(search.trainables))
+    checkpoints = loop.Checkpoints(os.path.join(directory, "checkpoints"))
+    try:
+        state, curve = loop.resume(checkpoints, state, _fingerprint(config), asked=config.resume)
+        mesh = metrics.data_mesh()
+        replicated = NamedSharding(mesh, PartitionSpec())
+        state, setup, teacher = jax.device_put((state, search.setup, work.variables), replicated)
+        forward = functools.partial(width_search.forward, work.model, qat_config=config.qat, config=config.search)
+        step = qat.make_step(work.model, optimizer, config.qat, seed=config.workload.seed, mean=work.preprocessing.mean,
+                             std=work.preprocessing.std, augmentation=config.augment, forward_fn=forward)
+        budgets = dict(config.search.budgets)
+        trace = []  # the search curve: losses and usages (absolute) at every progress line
+
+        def on_log(step_number, values):
+            trace.append({"step": step_number, "loss": values["loss"], "cross_entropy": values["cross_entropy"],
+                          **{f"{which}_{k}": values[f"{which}_{k}"] * bound for k, bound in budgets.items()
+                             for which in ("expected", "most_probable")}})
+            common.log("width search: " + ", ".join(
+                f"{k} expected {trace[-1][f'expected_{k}']:.4g}, most probable {trace[-1][f'most_probable_{k}']:.4g} "
+                f"(budget {bound:.4g})" for k, bound in budgets.items()))
+
+        common.log(f"width search of {len(search.setup.searched)} layers among {config.search.candidate_bits} bits "
+                   f"({config.search.relaxation} relaxation) for {config.search_epochs} epochs x "
+                   f"{total_steps // config.search_epochs} steps under " + ", ".join(f"{k} <= {v:.4g}" for k, v in budgets.items()))
+        state = loop.fit(state, lambda state, x, y: step(state, setup, teacher, x, y), images, labels,
+                         batch_size=config.train_batch_size, epochs=config.search_epochs, seed=config.workload.seed,
+                         checkpoints=checkpoints, meta=lambda: {"config": _fingerprint(config), "curve": curve},
+                         evaluate=None, curve=curve, learning_rate=schedules[0],
+                         batch_sharding=NamedSharding(mesh, PartitionSpec("data")), log_every=config.log_every,
+                         checkpoint_every=config.checkpoint_every, started=started, on_step=on_step, on_log=on_log)
+    finally:
+        checkpoints.close()
+    trainables, batch_stats = jax.device_get((state.params, state.batch_stats))
+    widths = width_search.fix_widths(search, trainables["logits"])
+    common.log("width search: " + ", ".join(f"{k} {widths['usage'][k]:.4g} of {widths['budgets'][k]:.4g}"
+                                            for k in widths["budgets"])
+               + (" (the most probable widths exceeded a budget: the MILP chose the most probable feasible ones)"
+                  if widths["repaired"] else ""))
+    return trainables, batch_stats, {**widths, "curve": trace, "epochs": curve, "steps": total_steps,
+                                     "seconds": time.perf_counter() - begin}
+
+
 def _quantized_state(setup: qat.QatSetup, variables: dict, state: training.TrainState) -> ptq.QuantizedState:
     """The quantized model that a training ``state`` stands for (run in inference mode)."""
     return ptq.QuantizedState(*qat.quantized_model(setup, variables, state.params, state.batch_stats))
@@ -361,7 +541,15 @@ def _train_accuracy(work: workload_lib.Workload, state: ptq.QuantizedState, imag
 def main(argv):
     del argv
     r = run(config_from_flags())
-    widths = "" if r["control"] else f" W{r['w_bits']}A{r['a_bits']}"
+    search = r["width_search"]
+    if r["control"]:
+        widths = ""
+    elif search is not None:
+        widths = " at " + ", ".join(f"{k} {search['usage'][k]:.4g} of {v:.4g}" for k, v in search["budgets"].items())
+    elif r["config"].get("bits_json"):
+        widths = f" (widths of {r['config']['bits_json']}, energy {r['energy']['relative']:.4g})"
+    else:
+        widths = f" W{r['w_bits']}A{r['a_bits']}"
     print(f"{r['model']} {r['method']}{widths}: top-1 {r['top1']:.2f}% (FP32 "
           f"{r['fp32_top1']:.2f}%" + (f", round-to-nearest {r['nearest_top1']:.2f}%" if r["nearest_top1"] is not None
                                       else "") + f"), training-set top-1 {r['train_top1']:.2f}% on "

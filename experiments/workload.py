@@ -18,7 +18,7 @@ import numpy as np
 from absl import flags
 
 from eqjax import data, models, ptq
-from eqjax.quant import calibration, folding, numerics, policy as policy_lib
+from eqjax.quant import calibration, equalization, folding, numerics, policy as policy_lib
 from eqjax.algorithms import energy, metrics, qat, reconstruction, second_order
 from experiments import common
 
@@ -183,9 +183,13 @@ class Workload:
     log: Callable[[str], None] = common.log
 
     def __post_init__(self):
-        self.fp32_evaluator = metrics.make_evaluator(lambda variables, x: self.model.apply(variables, x))
-        self.quantized_evaluator = metrics.make_evaluator(ptq.quantized_logits_fn(self.model))
+        self._make_evaluators()
         self.skipped_images: dict[str, str] = {}  # message of an undecodable image -> 'eval' or 'calib'
+
+    def _make_evaluators(self) -> None:
+        model = self.model
+        self.fp32_evaluator = metrics.make_evaluator(lambda variables, x: model.apply(variables, x))
+        self.quantized_evaluator = metrics.make_evaluator(ptq.quantized_logits_fn(model))
 
     def _batches(self, source, indices, role: str):
         skipped = [] if self.config.skip_bad_images else None
@@ -261,6 +265,22 @@ class Workload:
         self.variables, pairs = folding.fold_batchnorm(self.model, self.variables, self.spec.example_input(1))
         self.log(f"folded {len(pairs)} BatchNorms into the layer before them")
         return len(pairs)
+
+    def equalize(self) -> dict:
+        """Cross-layer equalization (``--equalize``): the model becomes its ReLU variant with every
+        BatchNorm folded and every pair of :attr:`ModelSpec.equalization` equalized; returns the
+        report of :func:`eqjax.quant.equalization.equalize`."""
+        if self.spec.equalization is None:
+            raise ValueError(f"--equalize: no cross-layer equalization pairs are defined for --model={self.spec.name} "
+                             "(efficientnet_lite0 has them)")
+        model, pairs = self.spec.equalization(self.model)
+        self.variables, report = equalization.equalize(model, self.variables, pairs, example=self.spec.example_input(1))
+        self.model = model
+        self._make_evaluators()
+        self.log(f"cross-layer equalization of {report['pairs']} layer pairs in {report['sweeps']} sweeps (median "
+                 f"channel-range ratio {report['range_ratio_before']:.1f} -> {report['range_ratio_after']:.1f}); "
+                 "the model runs with ReLU")
+        return report
 
     def quantized_state(self, policy: dict, config: ptq.PTQConfig,
                         recon: reconstruction.ReconstructionConfig | None, *, out: str,

@@ -9,6 +9,8 @@ they optimize.
   ``ranking`` / ``ranking_core``               ranking-aware PTQ for ViTs
   ``reconstruction`` / ``reconstruction_core``  AdaRound, BRECQ, QDrop
   ``vit_quant``          log / twin quantizers and RepQ reparameterization for ViTs
+  ``qat``                quantization-aware training with learned step sizes (LSQ, LSQ+)
+  ``width_search``       bit widths learned under a budget (eq. 2 by gradient descent)
   ``pareto``             accuracy–energy fronts
   ``metrics``            sharded top-1 / top-5 evaluation
 """

@@ -59,7 +59,12 @@ def usage(count: energy_lib.LayerCount, w_bits: int | None, a_bits: int | None, 
     raise ValueError(f"unknown budget kind {kind!r}; known: {', '.join(BUDGET_KINDS)}")
 
 
-def _usage_tables(counts, layers, opts, fixed_bits, kinds, energy_model):
+def usage_tables(counts: Sequence[energy_lib.LayerCount], layers: Sequence[str], opts: Sequence[tuple[int, int]],
+                 fixed_bits: Mapping[str, Mapping], kinds: Sequence[str], energy_model: energy_lib.EnergyModel
+                 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """``({kind: [len(layers), len(opts)] usage of each layer at each option}, {kind: usage of the
+    layers outside ``layers`` at their ``fixed_bits``})``: a policy's usage of a budget is the sum of
+    its picks' entries plus the fixed part (:func:`usage` per entry)."""
     by_name = {c.name: c for c in counts}
     missing = [n for n in layers if n not in by_name]
     if missing:
@@ -143,7 +148,7 @@ def allocate(cost: Mapping[str, np.ndarray], counts: Sequence[energy_lib.LayerCo
     costs = np.array([[np.asarray(cost[n], np.float64)[index[o]] for o in opts] for n in layers])
     if not np.all(np.isfinite(costs)):
         raise ValueError("cost table holds NaN or Inf")
-    tables, fixed = _usage_tables(counts, layers, opts, fixed_bits or {}, list(budgets), energy_model)
+    tables, fixed = usage_tables(counts, layers, opts, fixed_bits or {}, list(budgets), energy_model)
     narrowest = np.full(len(layers), opts.index((min(w for w, _ in opts), min(a for _, a in opts))))
     measure = lambda picks: {k: measured_usage(counts, _bits_of(layers, opts, picks, fixed_bits), k, energy_model)
                              for k in budgets}

@@ -272,14 +272,15 @@ def distillation_loss(logits: jax.Array, teacher_logits: jax.Array, *, temperatu
     return temperature ** 2 * jnp.mean(jnp.sum(jnp.exp(t) * (t - z), axis=-1))
 
 
-def make_optimizer(weights: optax.GradientTransformation, steps: optax.GradientTransformation
-                   ) -> optax.GradientTransformation:
-    """``weights`` for the model's parameters, ``steps`` for the step sizes and offsets: separate
+def make_optimizer(weights: optax.GradientTransformation, steps: optax.GradientTransformation,
+                   logits: optax.GradientTransformation | None = None) -> optax.GradientTransformation:
+    """``weights`` for the model's parameters, ``steps`` for the step sizes and offsets, ``logits``
+    for the width preferences of a width search (:mod:`eqjax.algorithms.width_search`): separate
     learning rates in one optax state."""
-    return optax.multi_transform({"weights": weights, "steps": steps},
-                                 lambda trainables: {key: jax.tree_util.tree_map(
-                                     lambda _, key=key: "weights" if key == "model" else "steps", sub)
-                                     for key, sub in trainables.items()})
+    groups = {"weights": weights, "steps": steps, **({"logits": logits} if logits is not None else {})}
+    label = lambda key: "weights" if key == "model" else "logits" if key == "logits" and logits is not None else "steps"
+    return optax.multi_transform(groups, lambda trainables: {key: jax.tree_util.tree_map(
+        lambda _, key=key: label(key), sub) for key, sub in trainables.items()})
 
 
 def init_state(start: QatStart, optimizer: optax.GradientTransformation) -> training.TrainState:
@@ -289,7 +290,8 @@ def init_state(start: QatStart, optimizer: optax.GradientTransformation) -> trai
 
 
 def make_step(model: nn.Module, optimizer: optax.GradientTransformation, config: QatConfig, *, seed: int,
-              mean: Any = None, std: Any = None, augmentation: bool = True) -> Callable:
+              mean: Any = None, std: Any = None, augmentation: bool = True,
+              forward_fn: Callable | None = None) -> Callable:
     """A jitted ``step(state, setup, teacher_variables, images [B, H, W, C], labels [B]) -> (state,
     metrics)`` with ``state`` a :class:`eqjax.training.TrainState` whose params are the trainables
     (:func:`init_state`).
@@ -299,6 +301,10 @@ def make_step(model: nn.Module, optimizer: optax.GradientTransformation, config:
     ``augmentation`` crops and flips them first (:func:`eqjax.training.augment`). The augmentation key is ``fold_in(seed, state.step)`` (a resumed run repeats the
     uninterrupted one); ``teacher_variables`` are the full-precision model's (read only with
     distillation). Metrics: ``loss``, ``cross_entropy``, ``distillation``, ``accuracy``.
+
+    ``forward_fn(setup, trainables, batch_stats, images) -> (logits, batch_stats, extra_loss,
+    extra_metrics)`` replaces :func:`forward` (e.g. a width search's mixture forward and its budget
+    penalty); ``extra_loss`` is added to the loss and ``extra_metrics`` to the metrics.
     """
     base_key = jax.random.key(seed)
     if (mean is None) != (std is None):
@@ -306,6 +312,10 @@ def make_step(model: nn.Module, optimizer: optax.GradientTransformation, config:
     normalize = ((lambda images: images) if mean is None else functools.partial(
         training.normalize, mean=jnp.asarray(mean, jnp.float32), std=jnp.asarray(std, jnp.float32)))
     alpha = config.distill_weight
+    if forward_fn is None:
+        def forward_fn(setup, trainables, batch_stats, images):
+            return (*forward(model, setup, trainables, batch_stats, images, config=config),
+                    jnp.zeros((), jnp.float32), {})
 
     @jax.jit
     def step(state: training.TrainState, setup: QatSetup, teacher_variables: Any, images: jax.Array,
@@ -316,18 +326,19 @@ def make_step(model: nn.Module, optimizer: optax.GradientTransformation, config:
         teacher = jax.lax.stop_gradient(model.apply(teacher_variables, x)) if alpha > 0 else None
 
         def loss_fn(trainables):
-            logits, batch_stats = forward(model, setup, trainables, state.batch_stats, x, config=config)
+            logits, batch_stats, extra, extra_metrics = forward_fn(setup, trainables, state.batch_stats, x)
             ce = training.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
             kd = (distillation_loss(logits, teacher, temperature=config.temperature) if alpha > 0
                   else jnp.zeros((), jnp.float32))
-            return (1.0 - alpha) * ce + alpha * kd, (logits, batch_stats, ce, kd)
+            return (1.0 - alpha) * ce + alpha * kd + extra, (logits, batch_stats, ce, kd, extra_metrics)
 
-        (loss, (logits, batch_stats, ce, kd)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, (logits, batch_stats, ce, kd, extra_metrics)), grads = jax.value_and_grad(
+            loss_fn, has_aux=True)(state.params)
         with jax.numpy_dtype_promotion("standard"):  # optax mixes int counts and float rates
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "cross_entropy": ce, "distillation": kd,
-                   "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+                   "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels), **extra_metrics}
         return training.TrainState(state.step + 1, params, batch_stats, opt_state), metrics
 
     return step

@@ -10,13 +10,14 @@ head (1280) not scaled. Module paths equal timm names: ``conv_stem``, ``bn1``,
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from eqjax.models import ops
+from eqjax.quant.equalization import EqualizationPair
 
 BN_EPSILON = 1e-3
 BN_MOMENTUM = 0.9
@@ -59,12 +60,13 @@ class DepthwiseSeparable(nn.Module):
     args: StageArgs
     stride: int
     dtype: Any = jnp.float32
+    activation: Callable = nn.relu6
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         channels = x.shape[-1]
         y = _conv(channels, self.args.kernel, self.stride, self.dtype, "conv_dw", groups=channels)(x)
-        y = nn.relu6(_bn(train, self.dtype, "bn1")(y))
+        y = self.activation(_bn(train, self.dtype, "bn1")(y))
         y = _bn(train, self.dtype, "bn2")(_conv(self.args.features, 1, 1, self.dtype, "conv_pw")(y))
         return x + y if self.stride == 1 and channels == self.args.features else y
 
@@ -75,14 +77,15 @@ class InvertedResidual(nn.Module):
     args: StageArgs
     stride: int
     dtype: Any = jnp.float32
+    activation: Callable = nn.relu6
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         channels = x.shape[-1]
         hidden = channels * self.args.expand_ratio
-        y = nn.relu6(_bn(train, self.dtype, "bn1")(_conv(hidden, 1, 1, self.dtype, "conv_pw")(x)))
+        y = self.activation(_bn(train, self.dtype, "bn1")(_conv(hidden, 1, 1, self.dtype, "conv_pw")(x)))
         y = _conv(hidden, self.args.kernel, self.stride, self.dtype, "conv_dw", groups=hidden)(y)
-        y = nn.relu6(_bn(train, self.dtype, "bn2")(y))
+        y = self.activation(_bn(train, self.dtype, "bn2")(y))
         y = _bn(train, self.dtype, "bn3")(_conv(self.args.features, 1, 1, self.dtype, "conv_pwl")(y))
         return x + y if self.stride == 1 and channels == self.args.features else y
 
@@ -90,23 +93,25 @@ class InvertedResidual(nn.Module):
 class Stage(nn.Module):
     args: StageArgs
     dtype: Any = jnp.float32
+    activation: Callable = nn.relu6
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         block = DepthwiseSeparable if self.args.expand_ratio == 1 else InvertedResidual
         for i in range(self.args.repeats):
-            x = block(self.args, self.args.stride if i == 0 else 1, self.dtype, name=str(i))(x, train)
+            x = block(self.args, self.args.stride if i == 0 else 1, self.dtype, self.activation, name=str(i))(x, train)
         return x
 
 
 class Stages(nn.Module):
     stages: Sequence[StageArgs]
     dtype: Any = jnp.float32
+    activation: Callable = nn.relu6
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         for i, args in enumerate(self.stages):
-            x = Stage(args, self.dtype, name=str(i))(x, train)
+            x = Stage(args, self.dtype, self.activation, name=str(i))(x, train)
         return x
 
 
@@ -118,6 +123,8 @@ class EfficientNetLite(nn.Module):
       stages: MBConv stage table (default Lite0).
       stem_features, head_features: 32 and 1280 for every Lite variant.
       dtype: computation dtype.
+      activation: ReLU6 (the trained models'); ``nn.relu`` for cross-layer equalization, which
+        needs a positively homogeneous activation (:mod:`eqjax.quant.equalization`).
     """
 
     num_classes: int = 1000
@@ -125,17 +132,37 @@ class EfficientNetLite(nn.Module):
     stem_features: int = 32
     head_features: int = 1280
     dtype: Any = jnp.float32
+    activation: Callable = nn.relu6
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """[batch, H, W, 3] -> logits [batch, num_classes]."""
         x = _conv(self.stem_features, 3, 2, self.dtype, "conv_stem")(x.astype(self.dtype))
-        x = nn.relu6(_bn(train, self.dtype, "bn1")(x))
-        x = Stages(tuple(self.stages), self.dtype, name="blocks")(x, train)
+        x = self.activation(_bn(train, self.dtype, "bn1")(x))
+        x = Stages(tuple(self.stages), self.dtype, self.activation, name="blocks")(x, train)
         x = _conv(self.head_features, 1, 1, self.dtype, "conv_head")(x)
-        x = nn.relu6(_bn(train, self.dtype, "bn2")(x))
+        x = self.activation(_bn(train, self.dtype, "bn2")(x))
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(x)
 
 
 efficientnet_lite0 = partial(EfficientNetLite, stages=LITE0_STAGES)
+
+
+def equalization_pairs(model: EfficientNetLite) -> tuple[EfficientNetLite, list[EqualizationPair]]:
+    """``(model with ReLU, its cross-layer equalization pairs)``: the stem into the first depthwise
+    conv (unless a residual add also reads the stem), and inside each block every conv into the next through an activation (expand ->
+    depthwise -> project; depthwise -> pointwise). Pairs across a residual add or into the head
+    are left out (the add also reads the channels; the head follows a linear projection)."""
+    first = model.stages[0]
+    stem_skips = first.expand_ratio == 1 and first.stride == 1 and first.features == model.stem_features
+    pairs = [] if stem_skips else [EqualizationPair("conv_stem", "blocks.0.0.conv_dw")]  # the add reads the stem
+    for s, args in enumerate(model.stages):
+        for b in range(args.repeats):
+            block = f"blocks.{s}.{b}"
+            if args.expand_ratio == 1:
+                pairs.append(EqualizationPair(f"{block}.conv_dw", f"{block}.conv_pw"))
+            else:
+                pairs += [EqualizationPair(f"{block}.conv_pw", f"{block}.conv_dw"),
+                          EqualizationPair(f"{block}.conv_dw", f"{block}.conv_pwl")]
+    return model.clone(activation=nn.relu), pairs

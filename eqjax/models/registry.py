@@ -67,6 +67,8 @@ class ModelSpec:
       description: one line.
       block_types: the module classes that are the model's blocks (units of block
         reconstruction, BRECQ): BasicBlock, MBConv blocks, transformer blocks.
+      equalization: ``module -> (module variant, pairs)`` for cross-layer equalization
+        (:mod:`eqjax.quant.equalization`), None where the model has no pairs defined.
     """
 
     name: str
@@ -77,6 +79,7 @@ class ModelSpec:
     timm_name: str | None
     description: str
     block_types: tuple[type, ...] = ()
+    equalization: Callable[[nn.Module], tuple[nn.Module, list]] | None = None
 
     def is_block(self, module: nn.Module) -> bool:
         """Whether ``module`` is one of this model's blocks."""
@@ -170,4 +173,4 @@ register(ModelSpec(
     Preprocessing(224, (127 / 255,) * 3, (128 / 255,) * 3, 224 / 256, "bilinear"), "classifier",
     "tf_efficientnet_lite0",
     "EfficientNet-Lite0 (TF same padding, ReLU6; timm tf_efficientnet_lite0)",
-    (efficientnet.DepthwiseSeparable, efficientnet.InvertedResidual)))
+    (efficientnet.DepthwiseSeparable, efficientnet.InvertedResidual), efficientnet.equalization_pairs))

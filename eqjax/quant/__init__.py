@@ -9,4 +9,5 @@ Flax model (DESIGN's ``numerics → calibration → policy → apply``).
   ``nnx_model``    Flax NNX models as ``(model, variables)``; the quantized NNX module
   ``apply``        the quantized forward: weights as a pure map, inputs by interception
   ``folding``      BatchNorm folded into the preceding convolution (what integer kernels run)
+  ``equalization`` cross-layer equalization of channel ranges between layer pairs
 """

@@ -167,6 +167,7 @@ def quantize_layer_inputs(lq: LayerQuant, inputs: Sequence[jax.Array]) -> list[j
 
 def quantized_apply(model: nn.Module, variables: Mapping, policy: Mapping[str, LayerQuant],
                     *args, quantize_kernels: bool = True, weight_method: str = "absmax",
+                    input_quantizer: Callable[[str, LayerQuant, Sequence[jax.Array]], Sequence[jax.Array]] | None = None,
                     **kwargs) -> Any:
     """``model.apply(variables, *args, **kwargs)`` with weights and layer inputs fake-quantized.
 
@@ -177,6 +178,9 @@ def quantized_apply(model: nn.Module, variables: Mapping, policy: Mapping[str, L
       policy: ``{name: LayerQuant}`` with calibrated clips for enabled layers.
       quantize_kernels: apply :func:`quantize_weights` first.
       weight_method: estimator for weight scales.
+      input_quantizer: ``(name, lq, inputs) -> inputs`` quantizes the inputs of each policy layer's
+        call instead of :func:`quantize_layer_inputs` (e.g. a mixture over candidate widths,
+        :mod:`eqjax.algorithms.width_search`).
 
     Returns:
       Whatever ``model.apply`` returns (logits).
@@ -188,11 +192,12 @@ def quantized_apply(model: nn.Module, variables: Mapping, policy: Mapping[str, L
     if quantize_kernels:
         variables = quantize_weights(variables, policy, method=weight_method)
     seen: list[str] = []
+    quantize = input_quantizer or (lambda name, lq, inputs: quantize_layer_inputs(lq, inputs))
 
     def quantize_inputs(name, module, call, call_args, call_kwargs):
         seen.append(name)
         lq = policy.get(name)
-        return call(*(call_args if lq is None else quantize_layer_inputs(lq, call_args)), **call_kwargs)
+        return call(*(call_args if lq is None else quantize(name, lq, call_args)), **call_kwargs)
 
     with intercept.intercept_calls(quantize_inputs):
         out = model.apply(variables, *args, **kwargs)
