@@ -1,15 +1,18 @@
 """Cross-layer equalization: the FP32 function of a ReLU network is unchanged, each pair's channel
-ranges end equal, Lite0's pairs name its layers, and models without pairs are refused by name."""
+ranges end equal, Lite0's pairs name its layers, and models without pairs are refused by name
+(also by experiments.ptq --equalize, before calibrating)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eqjax import models
+from eqjax import models, ptq
 from eqjax.models import efficientnet
 from eqjax.quant import equalization
 from eqjax.quant.equalization import EqualizationPair
+from experiments import ptq as ptq_script, workload as workload_lib
+from tests import test_qat
 
 TINY_STAGES = (efficientnet.StageArgs(1, 3, 1, 1, 12), efficientnet.StageArgs(2, 3, 2, 4, 16))  # block 1.1 adds
 
@@ -78,3 +81,21 @@ def test_pairs_leave_out_a_stem_that_a_residual_add_reads_and_bad_pairs_are_refu
     assert efficientnet.equalization_pairs(skip)[1] == [EqualizationPair("blocks.0.0.conv_dw", "blocks.0.0.conv_pw")]
     with pytest.raises(ValueError, match="8 output channels do not feed kernel"):
         equalization.equalize(model, variables, [EqualizationPair("conv_stem", "blocks.1.0.conv_dw")], example=x)
+
+
+@pytest.fixture(scope="module")
+def tars(tmp_path_factory):
+    """tests.test_qat's tiny training and test tars."""
+    return test_qat.tars.__wrapped__(tmp_path_factory)
+
+
+def test_ptq_equalize_refuses_a_model_without_pairs_before_calibrating(tars, tmp_path):
+    train, test = tars
+    workload = workload_lib.WorkloadConfig(model="resnet18_cifar", weights="random", dataset=f"tar:{test}",
+                                           calib_dataset=f"tar:{train}", calib_images=8, eval_images=8, batch_size=8)
+    config = ptq_script.PtqRunConfig(workload=workload, ptq=ptq.PTQConfig(w_bits=8), equalize=True,
+                                     workdir=str(tmp_path))
+    with pytest.raises(ValueError, match="--equalize: no cross-layer equalization pairs are defined for "
+                                         "--model=resnet18_cifar"):
+        ptq_script.run(config)
+    assert not (tmp_path / "ptq" / "results.json").exists()
