@@ -350,24 +350,10 @@ def _run(config: QatRunConfig, out: str, checkpoints: loop.Checkpoints, started:
 
     steps_per_epoch = len(train_images) // config.train_batch_size
     total_steps = config.epochs * steps_per_epoch
-    warmup = int(config.warmup_fraction * total_steps)
-    schedule = training.learning_rate_schedule(config.schedule, peak=config.learning_rate, total_steps=total_steps,
-                                               warmup_steps=warmup)
-    step_schedule = training.learning_rate_schedule(config.schedule, peak=config.step_learning_rate,
-                                                    total_steps=total_steps, warmup_steps=warmup)
-    optimizer = qat.make_optimizer(
-        training.make_optimizer(config.optimizer, schedule, weight_decay=config.weight_decay),
-        training.make_optimizer(config.optimizer, step_schedule, weight_decay=0.0))
+    optimizer, schedule = _optimizer(config, total_steps)
     state = qat.init_state(start, optimizer)
     state, curve = loop.resume(checkpoints, state, _fingerprint(config), asked=config.resume)
-
-    mesh = metrics.data_mesh()
-    replicated = NamedSharding(mesh, PartitionSpec())
-    state, setup = jax.device_put((state, setup), replicated)
-    teacher = jax.device_put(work.variables, replicated)
-    qat_step = qat.make_step(work.model, optimizer, config.qat, seed=config.workload.seed,
-                             mean=work.preprocessing.mean, std=work.preprocessing.std, augmentation=config.augment)
-    step_fn = lambda state, images, labels: qat_step(state, setup, teacher, images, labels)
+    state, setup, step_fn, batch_sharding = _placed_step(config, work, optimizer, state, setup)
 
     quantized = jax.jit(lambda state: _quantized_state(setup, start.variables, state))
     eval_seconds = []
@@ -394,7 +380,7 @@ def _run(config: QatRunConfig, out: str, checkpoints: loop.Checkpoints, started:
     state = loop.fit(state, step_fn, train_images, train_labels, batch_size=config.train_batch_size,
                      epochs=config.epochs, seed=config.workload.seed, checkpoints=checkpoints, meta=meta,
                      evaluate=evaluate, curve=curve, learning_rate=schedule,
-                     batch_sharding=NamedSharding(mesh, PartitionSpec("data")), log_every=config.log_every,
+                     batch_sharding=batch_sharding, log_every=config.log_every,
                      checkpoint_every=config.checkpoint_every, started=started, eval_every=config.eval_every, on_step=on_step,
                      on_epoch=lambda: common.write_json_atomic(f"{out}/results.json",
                                                                {**result, "curve": curve, "finished": False}))
@@ -420,6 +406,34 @@ def _run(config: QatRunConfig, out: str, checkpoints: loop.Checkpoints, started:
     return result
 
 
+def _optimizer(config: QatRunConfig, total_steps: int, *, width_learning_rate: float | None = None
+               ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """``(optimizer, the weights' schedule)`` of a run of ``total_steps``: the weights and the step
+    sizes on their schedules, and (a width search) Adam at ``width_learning_rate`` on the preferences."""
+    warmup = int(config.warmup_fraction * total_steps)
+    weights, steps = (training.learning_rate_schedule(config.schedule, peak=peak, total_steps=total_steps,
+                                                      warmup_steps=warmup)
+                      for peak in (config.learning_rate, config.step_learning_rate))
+    optimizer = qat.make_optimizer(
+        training.make_optimizer(config.optimizer, weights, weight_decay=config.weight_decay),
+        training.make_optimizer(config.optimizer, steps, weight_decay=0.0),
+        None if width_learning_rate is None else optax.adam(width_learning_rate))
+    return optimizer, weights
+
+
+def _placed_step(config: QatRunConfig, work: workload_lib.Workload, optimizer: optax.GradientTransformation,
+                 state: training.TrainState, setup: Any, forward_fn: Callable | None = None
+                 ) -> tuple[training.TrainState, Any, Callable, NamedSharding]:
+    """``(state, setup, step_fn(state, images, labels), batch sharding)``: the state, the setup and the
+    teacher replicated over the data mesh, and the jitted QAT step (``forward_fn``: a width search's)."""
+    mesh = metrics.data_mesh()
+    state, setup, teacher = jax.device_put((state, setup, work.variables), NamedSharding(mesh, PartitionSpec()))
+    step = qat.make_step(work.model, optimizer, config.qat, seed=config.workload.seed, mean=work.preprocessing.mean,
+                         std=work.preprocessing.std, augmentation=config.augment, forward_fn=forward_fn)
+    return (state, setup, lambda state, images, labels: step(state, setup, teacher, images, labels),
+            NamedSharding(mesh, PartitionSpec("data")))
+
+
 def _kept_layers(config: QatRunConfig, work: workload_lib.Workload) -> tuple[str, ...]:
     """The layers whose widths a width search keeps (the first and last at --keep_first_last_bits,
     unless 0); checks every budget against its smallest feasible value before any long work."""
@@ -431,7 +445,7 @@ def _kept_layers(config: QatRunConfig, work: workload_lib.Workload) -> tuple[str
     counts = energy.count_layers(work.model, work.spec.example_input(1))
     fixed = {n: b for n, b in policy_lib.bits_table(policy).items() if n not in searched}
     workload_lib.translate_errors(lambda: width_search.check_budgets(counts, searched, fixed, config.search),
-                                  {kind: flag for kind, flag in (("relative_energy", "budget"), *(
+                                  {f"{kind} budget": flag for kind, flag in (("relative_energy", "budget"), *(
                                       (k, f"max_{k}") for k in allocation.BUDGET_KINDS[1:]))})
     return kept
 
@@ -462,9 +476,7 @@ def _search_widths(config: QatRunConfig, work: workload_lib.Workload, policy: di
     else:
         trainables, batch_stats, info = _run_search(config, work, search, images, labels, directory, started, on_step)
         width_search.save(result_dir, trainables, batch_stats, info)
-    start = width_search.qat_start(work.model, search, trainables, batch_stats, info, work.calls, example=example,
-                                   qat_config=config.qat)
-    return start, info
+    return width_search.qat_start(search, trainables, batch_stats, info), info
 
 
 def _run_search(config: QatRunConfig, work: workload_lib.Workload, search: width_search.SearchStart,
@@ -474,23 +486,14 @@ def _run_search(config: QatRunConfig, work: workload_lib.Workload, search: width
     trainables, BatchNorm statistics and :func:`width_search.fix_widths`' result with the search curve."""
     begin = time.perf_counter()
     total_steps = config.search_epochs * (len(images) // config.train_batch_size)
-    warmup = int(config.warmup_fraction * total_steps)
-    schedules = [training.learning_rate_schedule(config.schedule, peak=peak, total_steps=total_steps, warmup_steps=warmup)
-                 for peak in (config.learning_rate, config.step_learning_rate)]
-    optimizer = qat.make_optimizer(
-        training.make_optimizer(config.optimizer, schedules[0], weight_decay=config.weight_decay),
-        training.make_optimizer(config.optimizer, schedules[1], weight_decay=0.0), optax.adam(config.width_learning_rate))
+    optimizer, schedule = _optimizer(config, total_steps, width_learning_rate=config.width_learning_rate)
     state = training.TrainState(jnp.zeros((), jnp.int32), search.trainables, search.variables.get("batch_stats", {}),
                                 optimizer.init(search.trainables))
     checkpoints = loop.Checkpoints(os.path.join(directory, "checkpoints"))
     try:
         state, curve = loop.resume(checkpoints, state, _fingerprint(config), asked=config.resume)
-        mesh = metrics.data_mesh()
-        replicated = NamedSharding(mesh, PartitionSpec())
-        state, setup, teacher = jax.device_put((state, search.setup, work.variables), replicated)
         forward = functools.partial(width_search.forward, work.model, qat_config=config.qat, config=config.search)
-        step = qat.make_step(work.model, optimizer, config.qat, seed=config.workload.seed, mean=work.preprocessing.mean,
-                             std=work.preprocessing.std, augmentation=config.augment, forward_fn=forward)
+        state, _, step_fn, batch_sharding = _placed_step(config, work, optimizer, state, search.setup, forward)
         budgets = dict(config.search.budgets)
         trace = []  # the search curve: losses and usages (absolute) at every progress line
 
@@ -505,11 +508,11 @@ def _run_search(config: QatRunConfig, work: workload_lib.Workload, search: width
         common.log(f"width search of {len(search.setup.searched)} layers among {config.search.candidate_bits} bits "
                    f"({config.search.relaxation} relaxation) for {config.search_epochs} epochs x "
                    f"{total_steps // config.search_epochs} steps under " + ", ".join(f"{k} <= {v:.4g}" for k, v in budgets.items()))
-        state = loop.fit(state, lambda state, x, y: step(state, setup, teacher, x, y), images, labels,
+        state = loop.fit(state, step_fn, images, labels,
                          batch_size=config.train_batch_size, epochs=config.search_epochs, seed=config.workload.seed,
                          checkpoints=checkpoints, meta=lambda: {"config": _fingerprint(config), "curve": curve},
-                         evaluate=None, curve=curve, learning_rate=schedules[0],
-                         batch_sharding=NamedSharding(mesh, PartitionSpec("data")), log_every=config.log_every,
+                         evaluate=None, curve=curve, learning_rate=schedule,
+                         batch_sharding=batch_sharding, log_every=config.log_every,
                          checkpoint_every=config.checkpoint_every, started=started, on_step=on_step, on_log=on_log)
     finally:
         checkpoints.close()

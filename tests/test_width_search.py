@@ -157,8 +157,7 @@ def test_hard_mixture_is_the_quantized_model_of_the_most_probable_widths(small):
                                             qat_config=qat.QatConfig(), config=config)
     assert float(penalty) == 0.0
     # QAT starts from the search as it ended: its forward is the hard mixture's.
-    qat_start = width_search.qat_start(small["model"], start, trainables, small["variables"]["batch_stats"], widths,
-                                       small["calls"], example=small["x"][:1])
+    qat_start = width_search.qat_start(start, trainables, small["variables"]["batch_stats"], widths)
     expected, _ = qat.forward(small["model"], qat_start.setup, qat_start.trainables, qat_start.variables["batch_stats"],
                               small["x"], config=qat.QatConfig())
     np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), rtol=1e-5, atol=1e-5)

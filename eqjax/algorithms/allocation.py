@@ -152,10 +152,8 @@ def allocate(cost: Mapping[str, np.ndarray], counts: Sequence[energy_lib.LayerCo
     narrowest = np.full(len(layers), opts.index((min(w for w, _ in opts), min(a for _, a in opts))))
     measure = lambda picks: {k: measured_usage(counts, _bits_of(layers, opts, picks, fixed_bits), k, energy_model)
                              for k in budgets}
-    for k, smallest in measure(narrowest).items():
-        if smallest > budgets[k]:
-            raise ValueError(f"{k} budget {budgets[k]:.6g} is below the smallest feasible value {smallest:.6g} "
-                             f"(every layer at its cheapest of {opts})")
+    check_feasible(counts, _bits_of(layers, opts, narrowest, fixed_bits), budgets, energy_model,
+                   narrowest=f"every layer at its cheapest of {opts}")
     # Every usage grows with both widths, so the all-narrowest allocation meets every budget
     # that it meets alone: budgets that pass the check above are jointly feasible.
     picks, repair = _solve_within(costs, tables, fixed, budgets, measure, narrowest)
@@ -164,6 +162,18 @@ def allocate(cost: Mapping[str, np.ndarray], counts: Sequence[energy_lib.LayerCo
     return {"bits": _bits_of(layers, opts, picks, {}), "cost": float(costs[rows, picks].sum()), "usage": used,
             "budgets": {k: float(v) for k, v in budgets.items()},
             "slack": {k: float(budgets[k] - used[k]) for k in budgets}, "repair": repair}
+
+
+def check_feasible(counts: Sequence[energy_lib.LayerCount], narrowest_bits: Mapping[str, Mapping],
+                   budgets: Mapping[str, float], energy_model: energy_lib.EnergyModel, *, narrowest: str) -> None:
+    """Raises ValueError naming the first budget that the all-narrowest policy ``narrowest_bits``
+    (described by ``narrowest``) already exceeds, with that smallest feasible value. Every usage
+    grows with both widths, so budgets that each pass hold together."""
+    for kind, bound in budgets.items():
+        smallest = measured_usage(counts, narrowest_bits, kind, energy_model)
+        if smallest > bound:
+            raise ValueError(f"{kind} budget {bound:.6g} is below the smallest feasible value {smallest:.6g} "
+                             f"({narrowest})")
 
 
 def _bits_of(layers, opts, picks, fixed_bits) -> dict:

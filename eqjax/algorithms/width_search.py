@@ -294,16 +294,11 @@ def searched_layers(policy: Policy, keep: Sequence[str] = ()) -> tuple[str, ...]
 def check_budgets(counts: Sequence[energy_lib.LayerCount], searched: Sequence[str], fixed_bits: Mapping[str, Mapping],
                   config: SearchConfig) -> None:
     """Raises ValueError when a budget is below its smallest feasible value: every searched layer at
-    the narrowest candidate, the others at ``fixed_bits`` (every usage grows with the widths, so
-    budgets that each pass this hold together)."""
-    narrowest = {**fixed_bits, **{n: {"w": min(config.candidate_bits), "a": min(config.candidate_bits)}
-                                  for n in searched}}
-    for kind, bound in config.budgets:
-        smallest = allocation.measured_usage(counts, narrowest, kind, config.energy_model)
-        if smallest > bound:
-            raise ValueError(f"{kind} {bound:.6g} is below the smallest feasible value {smallest:.6g} "
-                             f"(every searched layer at {min(config.candidate_bits)} bits, the others as the "
-                             "policy says)")
+    the narrowest candidate, the others at ``fixed_bits`` (:func:`allocation.check_feasible`)."""
+    b = min(config.candidate_bits)
+    allocation.check_feasible(counts, {**fixed_bits, **{n: {"w": b, "a": b} for n in searched}},
+                              dict(config.budgets), config.energy_model,
+                              narrowest=f"every searched layer at {b} bits, the others as the policy says")
 
 
 def probabilities(logits: Mapping[str, jax.Array], *, temperature: float = 1.0) -> dict[str, jax.Array]:
@@ -439,30 +434,24 @@ def fix_widths(start: SearchStart, logits: Mapping[str, Any]) -> dict[str, Any]:
                               for i, n in enumerate(setup.searched)}}
 
 
-def qat_start(model: nn.Module, start: SearchStart, trainables: Mapping, batch_stats: Any, widths: Mapping, calls:
-              Sequence[LayerCall], *, example: Any, qat_config: qat.QatConfig = qat.QatConfig()) -> qat.QatStart:
+def qat_start(start: SearchStart, trainables: Mapping, batch_stats: Any, widths: Mapping) -> qat.QatStart:
     """The start of QAT at the widths of :func:`fix_widths`: the searched weights (and BatchNorm
     statistics), the kept layers' step sizes, and each searched layer's step sizes of its chosen
-    candidates."""
+    candidates (the policy's clips are those steps' ``s · Q_P``)."""
     setup, candidates = start.setup, [int(b) for b in np.asarray(start.setup.candidates)]
     bits = {n: (widths["bits"][n]["w"], widths["bits"][n]["a"]) for n in setup.searched}
+    w_step = {**{n: jnp.asarray(v) for n, v in trainables["w_step"].items()},
+              **{n: jnp.asarray(trainables["w_steps"][n])[candidates.index(bits[n][0])] for n in setup.searched}}
+    a_step = {**{n: jnp.asarray(v) for n, v in trainables["a_step"].items()},
+              **{n: jnp.asarray(trainables["a_steps"][n])[candidates.index(bits[n][1])] for n in setup.searched}}
     policy = policy_lib.set_bits(start.policy, bits)
-    for n in setup.searched:  # the chosen candidate's activation step as the clip
-        lq = policy[n]
-        step = jnp.asarray(trainables["a_steps"][n])[candidates.index(bits[n][1])]
-        policy[n] = lq._replace(a_clip=(jnp.maximum(step, qat.MIN_STEP) * _q_max(lq.a_bits, lq.a_signed)).astype(jnp.float32))
-    for n, lq in policy.items():  # the kept layers' learned clips
-        if n in trainables["a_step"]:
-            clip = jnp.maximum(jnp.asarray(trainables["a_step"][n]), qat.MIN_STEP) * _q_max(lq.a_bits, lq.a_signed)
-            policy[n] = lq._replace(a_clip=jnp.where(jnp.isfinite(lq.a_clip), clip, lq.a_clip).astype(jnp.float32))
+    for n, lq in policy.items():
+        clip = jnp.maximum(a_step[n], qat.MIN_STEP) * _q_max(lq.a_bits, lq.a_signed)
+        policy[n] = lq._replace(a_clip=jnp.where(jnp.isfinite(lq.a_clip), clip, lq.a_clip).astype(jnp.float32))
+    qat_setup = qat.QatSetup(policy, {**setup.qat.weight_elements, **setup.weight_elements},
+                             {**setup.qat.input_elements, **setup.input_elements}, setup.qat.folded)
     variables = {**start.variables, "params": trainables["model"], **({"batch_stats": batch_stats} if batch_stats else {})}
-    result = qat.prepare(model, variables, policy, calls, example=example, config=qat_config)
-    w_step = dict(result.trainables["w_step"])
-    for n in setup.searched:
-        w_step[n] = jnp.maximum(jnp.asarray(trainables["w_steps"][n])[candidates.index(bits[n][0])], qat.MIN_STEP)
-    for n, value in trainables["w_step"].items():
-        w_step[n] = jnp.asarray(value)
-    return result._replace(trainables={**result.trainables, "w_step": w_step})
+    return qat.QatStart(variables, qat_setup, {"model": trainables["model"], "w_step": w_step, "a_step": a_step})
 
 
 SEARCH_FILE = "width_search.json"
@@ -543,6 +532,4 @@ def search(model: nn.Module, variables: Mapping, policy: Policy, calls: Sequence
         state, _ = step(state, start.setup, variables, jnp.asarray(batch_images), jnp.asarray(batch_labels))
     trainables, batch_stats = jax.device_get((state.params, state.batch_stats))
     widths = fix_widths(start, trainables["logits"])
-    return SearchResult(start, trainables, batch_stats, widths,
-                        qat_start(model, start, trainables, batch_stats, widths, calls, example=example,
-                                  qat_config=qat_config))
+    return SearchResult(start, trainables, batch_stats, widths, qat_start(start, trainables, batch_stats, widths))
