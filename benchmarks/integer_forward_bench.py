@@ -12,7 +12,7 @@ as it takes minutes per batch without (measured: 428 s for one batch of 250).
 
 It first times one convolution per operand dtype (float32, int8, int16) and setting.
 
-Needs Qwix (``pip install qwix``; measured with 0.1.8), which no eqjax extra installs. Writes
+Needs Qwix (the ``deploy`` extra; measured with 0.1.8). Writes
 runs/bench/integer_forward.json; BUILD_NOTES "Integer deployment" has the figures.
 """
 

@@ -8,11 +8,15 @@ model of ``experiments.qat`` (``--qat_state``); then
 * builds the integer artifact (:mod:`eqjax.deploy.artifact`: BatchNorm folded, int8 / packed
   int4 / int2 weights, scales, manifest) and writes it to WORKDIR/deploy/model.safetensors;
 * exports it to ONNX in QDQ form (WORKDIR/deploy/model.onnx) and the FP32 model the same way
-  (fp32.onnx);
+  (fp32.onnx); with ``--quantize_residuals`` also the full-integer graph whose residual adds
+  take 8-bit operands (model_residual.onnx, scales calibrated on the calibration images), which
+  ONNX Runtime runs with integer kernels throughout;
 * evaluates, image by image on the same batches: FP32 (XLA), the fake-quant forward (what every
   other script reports), the integer JAX forward (int8 operands, int32 accumulators), ONNX
   Runtime on the QDQ graph and on the FP32 graph: top-1 / top-5, agreement of top-1 predictions
   with the fake-quant forward, seconds;
+* with ``--qwix``, runs the artifact through Qwix too (:mod:`eqjax.deploy.qwix_export`: Qwix
+  rules plus its pre-quantized params, Qwix's integer kernels) and records its rules;
 * times each path at ``--latency_batch_sizes`` (median of ``--latency_repeats``), and records
   bytes on disk against FP32 and against the energy model's weight-memory term, and the CPU's
   integer instructions.
@@ -25,7 +29,7 @@ README says):
         --bits=8 --batch_size=250 --workdir=runs/deploy_r18_w8a8
 
 BUILD_NOTES.md has the measured figures. Writes WORKDIR/deploy/results.json and deploy.png.
-Needs the ``deploy`` extra (onnx, onnxruntime) unless ``--noonnx``.
+Needs the ``deploy`` extra (onnx, onnxruntime, qwix) unless ``--noonnx`` and without ``--qwix``.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from absl import flags
 
 from eqjax import ptq
 from eqjax.algorithms import energy, metrics, reconstruction as reconstruction_lib
-from eqjax.deploy import artifact as artifact_lib, integer, onnx_export
+from eqjax.deploy import artifact as artifact_lib, integer, onnx_export, qwix_export
 from eqjax.quant import intercept, policy as policy_lib
 from experiments import common, workload as workload_lib
 
@@ -61,6 +65,9 @@ def define_flags() -> None:
                       "ONNX weight storage: uint8 (exact in ONNX Runtime on every x86 CPU), int8 (faster with "
                       "AVX-VNNI, saturates on AVX2-only CPUs), int4 (weights of <= 4 bits packed).")
     flags.DEFINE_bool("onnx", True, "Export to ONNX and evaluate in ONNX Runtime.")
+    flags.DEFINE_bool("quantize_residuals", False, "Also export and run the full-integer ONNX graph: both operands "
+                      "of every residual add on 8-bit grids (onnx_export.residual_scales), every conv a QLinearConv.")
+    flags.DEFINE_bool("qwix", False, "Also run the artifact through Qwix's PTQ kernels (eqjax.deploy.qwix_export).")
     flags.DEFINE_list("latency_batch_sizes", ["1", "32"], "Batch sizes of the latency measurement (empty: none).")
     flags.DEFINE_integer("latency_repeats", 20, "Timed runs per path and batch size (the median is reported).")
     flags.DEFINE_string("workdir", "runs/default", "Output folder; results go to WORKDIR/deploy/.")
@@ -78,6 +85,8 @@ class DeployRunConfig:
     qat_state: str | None = None
     weight_type: str = "uint8"
     onnx: bool = True
+    quantize_residuals: bool = False
+    qwix: bool = False
     latency_batch_sizes: tuple[int, ...] = (1, 32)
     latency_repeats: int = 20
     workdir: str = "runs/default"
@@ -89,6 +98,8 @@ class DeployRunConfig:
             raise ValueError(f"--latency_batch_sizes must be positive, got {list(self.latency_batch_sizes)}")
         if self.latency_repeats < 1:
             raise ValueError(f"--latency_repeats must be >= 1, got {self.latency_repeats}")
+        if self.quantize_residuals and not self.onnx:
+            raise ValueError("--quantize_residuals is an ONNX export: leave out --noonnx")
         if self.qat_state and (self.reconstruction or self.bits_json):
             raise ValueError("--qat_state deploys a trained model as it is: leave out --reconstruct and --bits_json")
 
@@ -111,20 +122,24 @@ def config_from_flags() -> DeployRunConfig:
                                                flag_names=names),
         bits_json=FLAGS.bits_json, reconstruction=workload_lib.reconstruction_config_from_flags(),
         recon_state=FLAGS.recon_state, qat_state=FLAGS.qat_state, weight_type=FLAGS.weight_type, onnx=FLAGS.onnx,
+        qwix=FLAGS.qwix, quantize_residuals=FLAGS.quantize_residuals,
         latency_batch_sizes=batch_sizes, latency_repeats=FLAGS.latency_repeats, workdir=FLAGS.workdir)
 
 
-def quantized_source(config: DeployRunConfig, work: workload_lib.Workload, out: str
-                     ) -> tuple[dict, dict, dict, dict]:
+def quantized_source(config: DeployRunConfig, work: workload_lib.Workload, out: str,
+                     check: Callable[[dict], Any] = lambda policy: None) -> tuple[dict, dict, dict, dict]:
     """``(variables, policy, integer weights, info)`` of the model to deploy: a QAT result, a
-    reconstruction, or round-to-nearest under the calibrated policy."""
+    reconstruction, or round-to-nearest under the calibrated policy; ``check(policy)`` runs on
+    the calibrated policy before any reconstruction."""
     if config.qat_state:
         loaded = work.load_qat_state(config.qat_state)
+        check(loaded.policy)
         weights = artifact_lib.integer_weights(loaded.variables, loaded.policy, weight_scales=loaded.weight_scales)
         return loaded.variables, loaded.policy, weights, {"method": "qat", "state": os.path.abspath(config.qat_state)}
     bits = workload_lib.read_bits_json(config.bits_json) if config.bits_json else None
     stats, _ = work.collect_stats()
     policy = work.calibrated_with_bits(stats, config.ptq, bits, flag=f"--bits_json={config.bits_json}")
+    check(policy)
     if config.reconstruction is None:
         weights = artifact_lib.integer_weights(work.variables, policy, weight_method=config.ptq.weight_method)
         return work.variables, policy, weights, {"method": "round-to-nearest", "bits_json": config.bits_json}
@@ -237,8 +252,11 @@ def run(config: DeployRunConfig, *, log: Callable[[str], None] = common.log) -> 
     work = workload_lib.open_workload(config.workload, log=log)
     if config.onnx:
         onnx_export._require_onnx()  # before any long work
-    variables, policy, weights, source = quantized_source(config, work, out)
     example = work.spec.example_input(1)
+    if config.qwix:
+        qwix_export.require_qwix()
+    check = (lambda p: qwix_export.check_policy(work.model, p, example=example)) if config.qwix else (lambda p: None)
+    variables, policy, weights, source = quantized_source(config, work, out, check)
     bits = policy_lib.bits_table(policy)
     manifest = {"model": work.spec.name, "weights": work.weights_source, "num_classes": work.num_classes,
                 "preprocessing": work.preprocessing.to_dict(), "bits": bits, "source": source}
@@ -256,12 +274,27 @@ def run(config: DeployRunConfig, *, log: Callable[[str], None] = common.log) -> 
     int_fn = integer.integer_jit(work.model)
     paths = {"fp32": lambda x: fp32_fn(work.variables, x), "fake_quant": lambda x: fake_fn(fake_state, x),
              "integer": lambda x: int_fn(art.layers, art.variables, x)}
+    if config.qwix:
+        qwix_model = qwix_export.export(work.model, art, example=example)
+        qwix_fn = integer.cpu_integer_jit(qwix_model.apply)
+        paths["qwix"] = lambda x: qwix_fn(qwix_model.variables, x)
     threads = os.cpu_count()
     # ONNX graphs have a fixed batch size: one export per batch size (evaluation, then latency).
-    exports = {"ort_int": (art, config.weight_type, "model"), "ort_fp32": (fp32_art, "uint8", "fp32")} if config.onnx else {}
-    for name, (a, weight_type, file) in exports.items():
+    exports = {"ort_int": (art, config.weight_type, "model", None),
+               "ort_fp32": (fp32_art, "uint8", "fp32", None)} if config.onnx else {}
+    residuals = None
+    if config.quantize_residuals:
+        calibration = np.concatenate([np.asarray(images) for images, _ in work.calib_batches()])
+        size = min(64, len(calibration))
+        residuals = onnx_export.residual_scales(work.model, art, [calibration[i:i + size] for i in
+                                                                  range(0, len(calibration) - size + 1, size)],
+                                                threads=os.cpu_count())
+        exports["ort_int_residual"] = (art, config.weight_type, "model_residual", residuals)
+        log(f"residual adds: {len(residuals)} operands calibrated to 8 bits on {len(calibration)} images")
+    for name, (a, weight_type, file, scales) in exports.items():
         path = os.path.join(out, f"{file}.onnx")
-        onnx_export.export(work.model, a, batch_size=config.workload.batch_size, weight_type=weight_type, path=path)
+        onnx_export.export(work.model, a, batch_size=config.workload.batch_size, weight_type=weight_type,
+                           residual_scales=scales, path=path)
         sizes[f"{file}_onnx"] = os.path.getsize(path)
         paths[name] = _padded_runner(onnx_export.session(path, threads=threads), config.workload.batch_size)
     if config.onnx:
@@ -278,9 +311,11 @@ def run(config: DeployRunConfig, *, log: Callable[[str], None] = common.log) -> 
         row = {"fp32": _median_ms(paths["fp32"], images, config.latency_repeats),
                "fake_quant": _median_ms(paths["fake_quant"], images, config.latency_repeats),
                "integer": _median_ms(paths["integer"], images, config.latency_repeats)}
-        for name, (a, weight_type, _) in exports.items():
-            session = onnx_export.session(onnx_export.export(work.model, a, batch_size=b, weight_type=weight_type),
-                                          threads=threads)
+        if config.qwix:
+            row["qwix"] = _median_ms(paths["qwix"], images, config.latency_repeats)
+        for name, (a, weight_type, _, scales) in exports.items():
+            session = onnx_export.session(onnx_export.export(work.model, a, batch_size=b, weight_type=weight_type,
+                                                             residual_scales=scales), threads=threads)
             row[name] = _median_ms(lambda x, s=session: s.run(None, {"images": x})[0], images, config.latency_repeats)
         latency[str(b)] = row
         log(f"latency at batch {b} (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in row.items()))
@@ -291,7 +326,9 @@ def run(config: DeployRunConfig, *, log: Callable[[str], None] = common.log) -> 
                                          "bits_json": config.bits_json, "qat_state": config.qat_state,
                                          "reconstruct": config.reconstruction.method if config.reconstruction else "none",
                                          "recon_state": config.recon_state, "weight_type": config.weight_type,
-                                         "onnx": config.onnx, "latency_batch_sizes": list(config.latency_batch_sizes),
+                                         "onnx": config.onnx, "qwix": config.qwix,
+                                         "quantize_residuals": config.quantize_residuals,
+                                         "latency_batch_sizes": list(config.latency_batch_sizes),
                                          "latency_repeats": config.latency_repeats})
     result.update({
         "w_bits": w_bits, "a_bits": a_bits, "bits": bits, "source": source,
@@ -302,6 +339,8 @@ def run(config: DeployRunConfig, *, log: Callable[[str], None] = common.log) -> 
                         **({"onnx_over_fp32_onnx": sizes["model_onnx"] / sizes["fp32_onnx"]} if config.onnx else {})},
         "energy_weight_memory_bytes": weight_memory_bytes(work, bits),
         "energy": work.energy_of(bits),
+        **({"qwix_rules": qwix_model.describe()} if config.qwix else {}),
+        **({"residual_scales": residuals} if residuals is not None else {}),
         "cpu": {"integer_instructions": cpu_integer_instructions(), "cores": os.cpu_count()},
         "versions": _versions(),
         "wall_times_s": {"total": time.perf_counter() - started},
@@ -315,7 +354,7 @@ def _versions() -> dict[str, str | None]:
     import importlib.metadata as md
 
     found = {}
-    for package in ("jax", "onnx", "onnxruntime"):
+    for package in ("jax", "onnx", "onnxruntime", "qwix"):
         try:
             found[package] = md.version(package)
         except md.PackageNotFoundError:
@@ -331,6 +370,10 @@ def main(argv):
             f"FP32 {r['fp32_top1']:.2f}%)")
     if "ort_int" in e:
         line += f", ONNX Runtime {e['ort_int']['top1']:.2f}%"
+    if "ort_int_residual" in e:
+        line += f" (full-integer graph {e['ort_int_residual']['top1']:.2f}%)"
+    if "qwix" in e:
+        line += f", Qwix {e['qwix']['top1']:.2f}%"
     print(f"{line}; artifact {r['bytes_ratio']['artifact_over_fp32']:.3f} of FP32 -> {r['results_path']}")
 
 

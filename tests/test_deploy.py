@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import eqjax
-from eqjax.deploy import artifact as artifact_lib, integer, onnx_export, packing
+from eqjax.deploy import artifact as artifact_lib, integer, onnx_export, packing, qwix_export
 from eqjax.quant import apply
 from tests.random_init import random_batch_norms
 from tests.test_vit_quant import make_tiny_vit
@@ -91,6 +91,34 @@ def test_integer_forward_accumulators_are_exact_and_logits_match_fake_quant(cnn,
     x_hat = apply.quantize_input(policy["conv1"], 0, images)
     np.testing.assert_array_equal(np.asarray(accumulators["conv1"][1][0], np.float32) * artifact.layers["conv1"].a_scale[0],
                                   x_hat)
+
+
+def test_depthwise_convs_accumulate_exactly_in_float32():
+    class Depthwise(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Conv(16, (3, 3), name="stem")(x))
+            x = nn.Conv(16, (5, 5), feature_group_count=16, name="depthwise")(x)
+            return nn.Dense(4, name="head")(x.mean(axis=(1, 2)))
+
+    model = Depthwise()
+    images = jax.random.normal(jax.random.key(0), (4, 10, 10, 3))
+    variables = model.init(jax.random.key(1), images[:1])
+    policy = _calibrated(model, variables, images, 8)
+    artifact = artifact_lib.build(model, variables, policy, example=images[:1])
+    layer = artifact.layers["depthwise"]
+    assert layer.a_signed == (False,)  # the shifted unsigned grid: 25 taps * 128 * 127 < 2^24
+    assert integer.exact_in_float32(layer, nn.Conv(16, (5, 5), feature_group_count=16))
+    assert not integer.exact_in_float32(artifact.layers["stem"], nn.Conv(16, (3, 3)))  # ungrouped: int8 kernels
+    assert not integer.exact_in_float32(layer.replace(weight=np.zeros((33, 33, 1, 16), np.int8)),  # 33² taps: 2^24
+                                        nn.Conv(16, (33, 33), feature_group_count=16))
+    accumulators = {}
+    integer.integer_apply(model, artifact, images, accumulators=accumulators)
+    acc, (q_x,) = accumulators["depthwise"]
+    expected = jax.lax.conv_general_dilated(q_x, jnp.asarray(layer.weight, jnp.int32), (1, 1), "SAME",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=16)
+    assert acc.dtype == jnp.int32 and int(jnp.max(q_x)) > 127
+    np.testing.assert_array_equal(acc, expected)
 
 
 def test_integer_forward_and_onnx_export_of_a_small_vit_match_fake_quant():
@@ -177,7 +205,8 @@ def test_onnx_export_runs_in_onnx_runtime_with_the_fake_quant_predictions(cnn, b
     path = str(tmp_path / "model.onnx")
     proto = onnx_export.export(model, artifact, batch_size=len(images), weight_type=weight_type, path=path)
     ops = [n.op_type for n in proto.graph.node]
-    assert ops.count("QuantizeLinear") == 4 and ("Clip" in ops) == (bits < 8)
+    # conv2 and the shortcut read one tensor on one grid: one quantizer for both.
+    assert ops.count("QuantizeLinear") == 3 and ("Clip" in ops) == (bits < 8)
     initializers = {i.name: i for i in proto.graph.initializer}
     import onnx
     expected_type = onnx.TensorProto.INT4 if weight_type == "int4" else onnx.TensorProto.UINT8
@@ -191,6 +220,44 @@ def test_onnx_export_runs_in_onnx_runtime_with_the_fake_quant_predictions(cnn, b
     fp32_logits = onnx_export.session(onnx_export.export(model, fp32, batch_size=len(images))).run(
         None, {"images": np.asarray(images)})[0]
     np.testing.assert_allclose(fp32_logits, model.apply(variables, images), atol=1e-5 * scale)
+
+
+def test_full_integer_onnx_graph_runs_every_conv_as_qlinearconv(cnn, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    import onnx
+    model, variables, images = cnn
+    # conv2's channel 0 nearly dead (weights 1e-9 of its bias, as in Lite0): int32 cannot hold its bias.
+    params = dict(variables["params"], conv2={"kernel": variables["params"]["conv2"]["kernel"].at[..., 0].multiply(1e-9),
+                                              "bias": variables["params"]["conv2"]["bias"].at[0].set(0.5)})
+    variables = dict(variables, params=params)
+    artifact = artifact_lib.build(model, variables, _calibrated(model, variables, images, 8), example=images[:1])
+    scales = onnx_export.residual_scales(model, artifact, [images[:8], images[8:]])
+    # The shortcut conv's output and conv2's ReLU output: neither is a quantized layer input.
+    assert set(scales) == {"residual0.0", "residual0.1"} and all(g["scale"] > 0 for g in scales.values())
+    assert not scales["residual0.0"]["signed"] and scales["residual0.1"]["signed"]  # a ReLU output; a conv's
+
+    def optimized_ops(proto):
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+        ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"],
+                             disabled_optimizers=list(onnx_export.INEXACT_ORT_OPTIMIZERS))
+        return [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+
+    exact = onnx_export.export(model, artifact, batch_size=len(images), weight_type="int8")
+    full = onnx_export.export(model, artifact, batch_size=len(images), weight_type="int8", residual_scales=scales)
+    assert optimized_ops(exact).count("QLinearConv") < 3  # convs before the add dequantize their kernels
+    # (and conv2 keeps a float bias in the exact graph; the full-integer one makes its channel 0 its bias alone)
+    ops = optimized_ops(full)
+    assert ops.count("QLinearConv") == 3 and "Conv" not in ops and "FusedConv" not in ops
+    reference = np.asarray(integer.integer_apply(model, artifact, images))
+    logits = onnx_export.session(full).run(None, {"images": np.asarray(images)})[0]
+    # One more 8-bit rounding of each residual operand: close, not equal.
+    np.testing.assert_allclose(logits, reference, atol=0.05 * float(np.max(np.abs(reference))))
+    assert not np.allclose(logits, reference, atol=1e-6 * float(np.max(np.abs(reference))))
+    with pytest.raises(ValueError, match="no scale for residual operand 'residual0.0'"):
+        onnx_export.export(model, artifact, batch_size=2, residual_scales={"residual9.0": scales["residual0.0"]})
+    with pytest.raises(ValueError, match=r"batches of one size, got sizes \[8, 4\]"):
+        onnx_export.residual_scales(model, artifact, [images[:8], images[8:12]])
 
 
 def test_onnx_export_names_a_primitive_it_cannot_translate(cnn):
@@ -210,6 +277,50 @@ def test_onnx_export_names_a_primitive_it_cannot_translate(cnn):
         onnx_export.export(model, artifact, batch_size=2, weight_type="int3")
 
 
+@pytest.mark.parametrize("bits, keep, conv2_types", [(8, None, ("int8", "int8", -128)), (4, 8, ("int5", "int5", None))])
+def test_qwix_export_runs_the_artifacts_integers_in_qwix(cnn, bits, keep, conv2_types):
+    pytest.importorskip("qwix")
+    model, variables, images = cnn
+    policy = eqjax.calibrate(model, variables, [images],
+                             eqjax.PTQConfig(w_bits=bits, a_bits=bits, keep_first_last_bits=keep))
+    artifact = artifact_lib.build(model, variables, policy, example=images[:1])
+    reference = integer.integer_apply(model, artifact, images)
+    exported = qwix_export.export(model, artifact, example=images[:1])
+    rules = exported.describe()
+    assert (rules["conv2"]["weight_qtype"], rules["conv2"]["act_qtype"], rules["conv2"]["act_zero_point"]) == conv2_types
+    assert rules["conv1"]["act_zero_point"] is None and rules["head"]["op"] == "dot_general"
+    kernel = exported.variables["params"]["conv2"]["kernel"].array
+    np.testing.assert_array_equal(kernel.qvalue, artifact.layers["conv2"].weight)  # the artifact's integers
+    logits = jax.jit(exported.apply)(exported.variables, images)
+    np.testing.assert_allclose(logits, reference, atol=1e-6 * float(jnp.max(jnp.abs(reference))))
+    hlo = jax.jit(exported.apply).lower(exported.variables, images).as_text()
+    convolutions = [line for line in hlo.splitlines() if "stablehlo.convolution" in line]
+    assert len(convolutions) >= 3 and all("xi8>" in line for line in convolutions)  # on integers, zero points too
+
+
+def test_qwix_export_names_each_layer_qwix_cannot_express(cnn):
+    model, variables, images = cnn
+    policy = _calibrated(model, variables, images, 8)
+    cases = {"conv1": ((4, 4), "Qwix holds int4 in 4-bit storage, which XLA:CPU does not compile"),
+             "conv2": ((8, 4), "8-bit weights do not fit the int5 type of its 4-bit inputs")}
+    for name, (bits, message) in cases.items():
+        narrow = eqjax.policy.set_bits(policy, {name: bits})
+        with pytest.raises(ValueError, match=f"layer '{name}' has no Qwix form: {message}"):
+            qwix_export.check_policy(model, narrow, example=images[:1])
+        with pytest.raises(ValueError, match=f"layer '{name}' has no Qwix form: {message}"):
+            qwix_export.export(model, artifact_lib.build(model, variables, narrow, example=images[:1]),
+                               example=images[:1])
+    float_inputs = dict(policy, shortcut=policy["shortcut"]._replace(a_enabled=jnp.asarray(False)))
+    with pytest.raises(ValueError, match="layer 'shortcut' has no Qwix form: a conv with float inputs"):
+        qwix_export.check_policy(model, float_inputs, example=images[:1])
+    # Off the CPU a signed 4-bit input is Qwix's int4; a weight-only dense keeps float inputs.
+    assert qwix_export.layer_types("conv1", "conv", 4, 4, (True,), backend="gpu").act_bits == 4
+    assert qwix_export.layer_types("head", "dense", 8, None).act_bits is None
+    _, vit, vit_variables, vit_images, vit_policy = make_tiny_vit(8)
+    with pytest.raises(ValueError, match=r"layer 'blocks.0.attn.qk_matmul' has no Qwix form: a matmul of two"):
+        qwix_export.check_policy(vit, vit_policy, example=vit_images[:1])
+
+
 def test_deploy_script_end_to_end(tmp_path):
     pytest.importorskip("onnxruntime")
     from tests.image_tar import write_image_tar
@@ -221,13 +332,19 @@ def test_deploy_script_end_to_end(tmp_path):
     config = deploy.DeployRunConfig(
         workload=workload.WorkloadConfig(model="resnet18_cifar", weights="random", dataset=f"tar:{tar}",
                                          calib_dataset=f"tar:{tar}", eval_images=8, calib_images=8, batch_size=8),
-        ptq=eqjax.PTQConfig(w_bits=4, a_bits=8), latency_batch_sizes=(1,), latency_repeats=1, workdir=str(tmp_path))
+        ptq=eqjax.PTQConfig(w_bits=4, a_bits=8), latency_batch_sizes=(1,), latency_repeats=1, workdir=str(tmp_path),
+        qwix=importlib.util.find_spec("qwix") is not None, quantize_residuals=True)
     result = deploy.run(config, log=lambda line: None)
     with open(result["results_path"]) as f:
         written = json.load(f)
     evaluation = written["evaluation"]
-    assert set(evaluation) == {"fp32", "fake_quant", "integer", "ort_int", "ort_fp32"}
+    assert set(evaluation) == {"fp32", "fake_quant", "integer", "ort_int", "ort_fp32", "ort_int_residual"} | (
+        {"qwix"} if config.qwix else set())
+    assert len(written["residual_scales"]) == 11  # 8 blocks: 8 second convs + 3 projection shortcuts
     assert evaluation["integer"]["top1_agreement_with_fake_quant"] == 100.0
+    if config.qwix:  # 4-bit kernels in Qwix's int8 type beside 8-bit inputs
+        assert evaluation["qwix"]["top1_agreement_with_fake_quant"] == 100.0
+        assert written["qwix_rules"]["layer1.0.conv1"]["weight_qtype"] == "int8"
     assert written["bytes"]["artifact"] < 0.2 * written["bytes"]["fp32_artifact"]
     assert written["bytes"]["model_onnx"] < 0.3 * written["bytes"]["fp32_onnx"]  # each kernel stored once, as 8 bits
     assert set(written["latency_ms"]["1"]) == set(evaluation)
@@ -235,3 +352,5 @@ def test_deploy_script_end_to_end(tmp_path):
     assert (tmp_path / "deploy" / "deploy.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="--latency_repeats must be >= 1"):
         deploy.DeployRunConfig(workload=config.workload, ptq=config.ptq, latency_repeats=0)
+    with pytest.raises(ValueError, match="--quantize_residuals is an ONNX export"):
+        deploy.DeployRunConfig(workload=config.workload, ptq=config.ptq, onnx=False, quantize_residuals=True)

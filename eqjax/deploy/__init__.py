@@ -4,4 +4,5 @@
   ``artifact``  the integer artifact: BatchNorm folded, integer weights, scales, manifest, one file
   ``integer``   the integer forward in JAX (int8 operands, int32 accumulators, one rescale)
   ``onnx_export``  the artifact as an ONNX QDQ graph for ONNX Runtime (optional ``deploy`` extra)
+  ``qwix_export``  the artifact as Qwix rules and pre-quantized params (optional ``deploy`` extra)
 """

@@ -25,12 +25,14 @@ from typing import Any, Callable, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from eqjax.deploy.artifact import IntegerArtifact, IntegerLayer
 from eqjax.quant import intercept, numerics
 
-__all__ = ["quantize_activation", "integer_logits_fn", "integer_jit", "integer_apply", "dequantized_variables"]
+__all__ = ["quantize_activation", "integer_logits_fn", "cpu_integer_jit", "integer_jit", "integer_apply",
+           "dequantized_variables"]
 
 SHIFT = 128  # the offset that moves an unsigned 8-bit grid into int8
 
@@ -49,10 +51,27 @@ def _keep_dtypes(*arrays, **_):
     return arrays
 
 
-def _integer_call(module: Any, kind: str) -> Callable[..., jax.Array]:
-    """``f(*int8 operands) -> int32``: the layer's own contraction on integers, bias left out."""
+def exact_in_float32(layer: IntegerLayer, module: Any) -> bool:
+    """Whether a grouped conv's int32 accumulator is also exact in float32: every partial sum of
+    ``taps · max|q_x| · max|q_w|`` stays below 2^24. XLA:CPU has no fast grouped (depthwise)
+    int8 convolution; a 3x3 / 5x5 depthwise conv at 8 bits sums at most 25·128·127 < 2^24."""
+    if layer.kind != "conv" or not isinstance(module, nn.Conv) or module.feature_group_count == 1:
+        return False
+    taps = int(np.prod(np.shape(layer.weight)[:-1]))  # kernel window x input channels per group
+    largest_input = 1 << (layer.a_bits - 1) if layer.a_signed[0] or layer.a_bits == 8 else (1 << layer.a_bits) - 1
+    return taps * largest_input * (1 << (layer.w_bits - 1)) < 1 << 24
+
+
+def _integer_call(module: Any, kind: str, *, float_accumulator: bool = False) -> Callable[..., jax.Array]:
+    """``f(*int8 operands) -> int32``: the layer's own contraction on integers, bias left out;
+    ``float_accumulator``: computed in float32 on the same integers (exact where
+    :func:`exact_in_float32`), then converted."""
     if kind == "matmul":
         return functools.partial(jnp.einsum, module.equation, preferred_element_type=jnp.int32)
+    if kind == "conv" and isinstance(module, nn.Conv) and float_accumulator:
+        clone = module.clone(parent=None, name=None, use_bias=False, promote_dtype=_keep_dtypes)
+        return lambda x, weight: clone.apply({"params": {"kernel": weight.astype(jnp.float32)}},
+                                             x.astype(jnp.float32)).round().astype(jnp.int32)
     if kind == "conv" and isinstance(module, nn.Conv):
         clone = module.clone(parent=None, name=None, use_bias=False, promote_dtype=_keep_dtypes,
                              conv_general_dilated=functools.partial(lax.conv_general_dilated,
@@ -89,7 +108,7 @@ def _shifted_product(f: Callable[..., jax.Array], operands: list[jax.Array], shi
 
 def _integer_layer(layer: IntegerLayer, module: Any, params: Mapping, inputs: tuple,
                    record: Callable[[jax.Array, list], None] | None) -> jax.Array:
-    f = _integer_call(module, layer.kind)
+    f = _integer_call(module, layer.kind, float_accumulator=exact_in_float32(layer, module))
     operands, shifts = [], []
     for i, scale in enumerate(layer.a_scale):
         q, shift = quantize_activation(inputs[i], scale, layer.a_bits, layer.a_signed[i])
@@ -162,25 +181,29 @@ CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
                         "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
-def integer_jit(model: nn.Module) -> Callable[[Mapping[str, IntegerLayer], Mapping, jax.Array], jax.Array]:
-    """:func:`integer_logits_fn` jitted, on CPU with YNNPACK's integer kernels (falls back to XLA's
-    defaults on an XLA that does not know the option)."""
-    fn = integer_logits_fn(model)
+def cpu_integer_jit(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+    """``fn`` jitted, on CPU with YNNPACK's integer kernels (falls back to XLA's defaults on an
+    XLA that does not know the option); elsewhere plainly."""
     plain = jax.jit(fn)
     if jax.default_backend() != "cpu":
         return plain
     chosen = [jax.jit(fn, compiler_options=CPU_COMPILER_OPTIONS)]
 
-    def call(layers, variables, images):
+    def call(*args):
         try:
-            return chosen[0](layers, variables, images)
+            return chosen[0](*args)
         except jax.errors.JaxRuntimeError as e:
             if "xla_cpu_experimental_ynn_fusion_type" not in str(e) or chosen[0] is plain:
                 raise
             chosen[0] = plain
-            return plain(layers, variables, images)
+            return plain(*args)
 
     return call
+
+
+def integer_jit(model: nn.Module) -> Callable[[Mapping[str, IntegerLayer], Mapping, jax.Array], jax.Array]:
+    """:func:`integer_logits_fn` jitted by :func:`cpu_integer_jit`."""
+    return cpu_integer_jit(integer_logits_fn(model))
 
 
 def integer_apply(model: nn.Module, artifact: IntegerArtifact, images: jax.Array, *,

@@ -14,13 +14,21 @@ whose primitives have a translation exports, and the graph is what JAX runs:
   default, int8, or packed INT4) with a per-output-channel ``DequantizeLinear``; a constant bias
   that follows a conv is folded into the Conv (int32 at scale ``s_x · s_w`` when every layer is
   W8A8, the form ONNX Runtime fuses into ``QLinearConv``; float otherwise);
-* everything whose inputs are constant (BatchNorm arithmetic, biases) is evaluated here.
+* everything whose inputs are constant (BatchNorm arithmetic, biases) is evaluated here;
+* with ``residual_scales`` (:func:`residual_scales`, calibrated in ONNX Runtime on the exact
+  graph) both operands of every residual add go on 8-bit grids too: an identity shortcut reads
+  the DequantizeLinear its block's first conv reads, a conv's output gets an absmax grid
+  (unsigned where it was never negative). Every conv then ends in a quantizer, which is what
+  ONNX Runtime needs to run it as ``QLinearConv`` (otherwise it dequantizes the kernel and
+  convolves in float); a ReLU or ReLU6 ahead of an unsigned grid that saturates inside it is
+  left to the grid (the same integers), so it does not stand between a conv and its quantizer. This is
+  the full-integer model integer runtimes execute, one step past eqjax's fake quantization
+  (which quantizes layer inputs only), so its accuracy is measured separately.
 
 Layouts stay JAX's (NHWC): each conv is wrapped in two Transposes, which ONNX Runtime's
-transpose optimizer cancels where it can (between float layers; some stay around its integer
-convs). The graph has a fixed batch size (JAX traces
-shapes). The ``onnx`` package is needed (``pip install 'eqjax[deploy]'``); it is imported here
-only.
+transpose optimizer cancels where it can (all of them once every conv is integer). The graph
+has a fixed batch size (JAX traces shapes). The ``onnx`` package is needed (``pip install
+'eqjax[deploy]'``); it is imported here only.
 """
 
 from __future__ import annotations
@@ -37,10 +45,11 @@ from eqjax.deploy import packing
 from eqjax.storage import write_atomic
 from eqjax.deploy.artifact import IntegerArtifact
 from eqjax.deploy.integer import dequantized_variables
+from eqjax.models import ops
 from eqjax.quant import intercept, numerics
 
-__all__ = ["qdq_p", "weight_p", "WEIGHT_TYPES", "INEXACT_ORT_OPTIMIZERS", "traced_jaxpr", "export", "session",
-           "jaxpr_to_onnx", "OPSET"]
+__all__ = ["qdq_p", "weight_p", "WEIGHT_TYPES", "INEXACT_ORT_OPTIMIZERS", "RECORD", "traced_jaxpr", "export",
+           "residual_scales", "session", "jaxpr_to_onnx", "OPSET"]
 
 OPSET = 21  # INT4 tensors and per-axis DequantizeLinear
 
@@ -81,8 +90,8 @@ def traced_jaxpr(model: nn.Module, artifact: IntegerArtifact, example: Any) -> j
         params["kernel"] = weight_p.bind(params["kernel"], name=name)
         return module.clone(parent=None, name=None).apply({"params": params}, *args, **kwargs)
 
-    def run(images):
-        with intercept.intercept_calls(handler):
+    def run(images):  # lax's own convolutions: ONNX Conv nodes, not the CPU shift-add forms
+        with intercept.intercept_calls(handler), ops.lax_convolutions():
             return model.apply(variables, images)
 
     return jax.make_jaxpr(run)(jnp.zeros(np.shape(example), jnp.float32))
@@ -92,7 +101,7 @@ WEIGHT_TYPES = ("uint8", "int8", "int4")
 
 
 def export(model: nn.Module, artifact: IntegerArtifact, *, batch_size: int, weight_type: str = "uint8",
-           path: str | None = None) -> Any:
+           residual_scales: Any = None, path: str | None = None) -> Any:
     """The ONNX ``ModelProto`` of ``model`` under ``artifact`` for batches of ``batch_size``.
 
     Args:
@@ -104,6 +113,10 @@ def export(model: nn.Module, artifact: IntegerArtifact, *, batch_size: int, weig
         faster with AVX-VNNI, but on AVX2-only CPUs ``vpmaddubsw`` saturates pairs of products at
         int16 and results drift), or ``int4`` (weights of at most 4 bits packed two per byte, the
         rest as ``uint8``; ONNX Runtime dequantizes them and runs a float conv).
+      residual_scales: None (residual adds in float: the fake-quant model exactly), or
+        :func:`residual_scales`' ``{operand: {"scale", "signed"}}``: both operands of every residual add on
+        8-bit grids, so that every conv ends in a quantizer and ONNX Runtime runs all of them as
+        ``QLinearConv`` (a different model: its accuracy is measured, not assumed).
       path: also write the model there (atomically).
 
     Raises:
@@ -116,7 +129,7 @@ def export(model: nn.Module, artifact: IntegerArtifact, *, batch_size: int, weig
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     shape = [batch_size] + list(artifact.manifest["input_shape"][1:])
     closed = traced_jaxpr(model, artifact, jax.ShapeDtypeStruct(shape, jnp.float32))
-    proto = jaxpr_to_onnx(closed, artifact, weight_type=weight_type)
+    proto = jaxpr_to_onnx(closed, artifact, weight_type=weight_type, residuals=residual_scales)
     onnx.checker.check_model(proto)
     if path is not None:
         data = proto.SerializeToString()
@@ -127,6 +140,31 @@ def export(model: nn.Module, artifact: IntegerArtifact, *, batch_size: int, weig
 
         write_atomic(path, write)
     return proto
+
+
+def residual_scales(model: nn.Module, artifact: IntegerArtifact, batches: Any, *, threads: int | None = None
+                    ) -> dict[str, dict[str, Any]]:
+    """``{operand: {"scale", "signed"}}``: the 8-bit absmax grid of every residual-add operand that
+    no layer quantizes at 8 bits (a conv's output before the add) — unsigned, ``max / 255``, where
+    it was never negative (a ReLU output, whose ReLU the quantizer then absorbs), else signed,
+    ``max|x| / 127`` — over ``batches`` (image arrays of one batch size, the calibration images),
+    run in ONNX Runtime on the exact graph. For :func:`export`."""
+    batches = [np.asarray(b, np.float32) for b in batches]
+    if not batches or any(len(b) != len(batches[0]) for b in batches):
+        raise ValueError(f"residual_scales needs batches of one size, got sizes {[len(b) for b in batches]}")
+    recording = export(model, artifact, batch_size=len(batches[0]), residual_scales=RECORD)
+    names = [o.name for o in recording.graph.output[1:]]
+    run = session(recording, threads=threads)
+    largest, smallest = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
+    for images in batches:
+        for name, value in zip(names, run.run(names, {"images": images})):
+            largest[name] = max(largest[name], float(np.max(np.abs(value))))
+            smallest[name] = min(smallest[name], float(np.min(value)))
+    out = {}
+    for name, value in largest.items():
+        signed = smallest[name] < 0
+        out[name] = {"scale": (value if value > 0 else 1.0) / (127.0 if signed else 255.0), "signed": signed}
+    return out
 
 
 # ONNX Runtime rewrites that change what the graph computes (on ResNet-18 W4A4 from the shared
@@ -170,11 +208,16 @@ def _minimal(value: np.ndarray) -> np.ndarray:
 class _Graph:
     """ONNX nodes and initializers under construction; values are names or numpy constants."""
 
-    def __init__(self, onnx, artifact: IntegerArtifact, weight_type: str):
+    def __init__(self, onnx, artifact: IntegerArtifact, weight_type: str, residuals: Any = None):
         self.onnx, self.helper = onnx, onnx.helper
         self.artifact, self.weight_type = artifact, weight_type
         self.nodes, self.initializers, self.counter = [], [], 0
         self.info: dict[str, tuple] = {}  # ONNX name of a DequantizeLinear output -> ('qdq', its scale)
+        self.quantized: dict[str, tuple[str, int]] = {}  # a float tensor -> (its DequantizeLinear output, bits)
+        self.grids: dict[tuple, str] = {}  # (tensor, scale, bits, signed) -> its DequantizeLinear output
+        # Residual adds: None (float, as JAX computes them), RECORD (their float operands as extra
+        # outputs, for residual_scales) or {operand key: scale} (each operand quantized to 8 bits).
+        self.residuals, self.residual_count, self.recorded = residuals, 0, []
         # int32 conv biases only where every integer layer is W8A8: one rounded bias ahead of a
         # narrower grid moved 3.5% of ResNet-18 W4A4's predictions (its first conv is W8A8).
         self.int32_biases = all((l.w_bits, l.a_bits) == (8, 8) for l in artifact.layers.values() if l.weight is not None)
@@ -233,11 +276,12 @@ def _fold_constant(eqn, invals: list) -> list:
     return [np.asarray(o) for o in (out if eqn.primitive.multiple_results else [out])]
 
 
-def jaxpr_to_onnx(closed: jax.core.ClosedJaxpr, artifact: IntegerArtifact, *, weight_type: str = "uint8") -> Any:
+def jaxpr_to_onnx(closed: jax.core.ClosedJaxpr, artifact: IntegerArtifact, *, weight_type: str = "uint8",
+                  residuals: Any = None) -> Any:
     """Translates a jaxpr from :func:`traced_jaxpr` into an ONNX ``ModelProto`` (input ``images``,
-    output ``logits``)."""
+    output ``logits``; with ``residuals=RECORD`` also each residual operand it would quantize)."""
     onnx = _require_onnx()
-    graph = _Graph(onnx, artifact, weight_type)
+    graph = _Graph(onnx, artifact, weight_type, residuals)
     jaxpr = closed.jaxpr
     env: dict = {}
     for var, const in zip(jaxpr.constvars, closed.consts):
@@ -253,6 +297,9 @@ def jaxpr_to_onnx(closed: jax.core.ClosedJaxpr, artifact: IntegerArtifact, *, we
     inputs = [onnx.helper.make_tensor_value_info("images", to_onnx(image_var.aval), list(image_var.aval.shape))]
     out_aval = jaxpr.outvars[0].aval
     outs = [onnx.helper.make_tensor_value_info("logits", to_onnx(out_aval), list(out_aval.shape))]
+    for key, value, shape in graph.recorded:
+        graph.nodes.append(graph.helper.make_node("Identity", [value], [key]))
+        outs.append(onnx.helper.make_tensor_value_info(key, onnx.TensorProto.FLOAT, shape))
     g = onnx.helper.make_graph(graph.nodes, "eqjax", inputs, outs, graph.initializers)
     return onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", OPSET)], producer_name="eqjax")
 
@@ -263,7 +310,7 @@ def _read(env, atom):
     return env[atom]
 
 
-def _translate(graph: _Graph, jaxpr, env: dict) -> list:
+def _translate(graph: _Graph, jaxpr, env: dict, *, inner: bool = False) -> list:
     counts: dict = {}
     for eqn in jaxpr.eqns:
         for v in eqn.invars:
@@ -281,10 +328,10 @@ def _translate(graph: _Graph, jaxpr, env: dict) -> list:
             continue
         sub = _sub_jaxpr(eqn)
         if sub is not None:
-            inner, consts = sub
-            inner_env = {v: np.asarray(c) for v, c in zip(inner.constvars, consts)}
-            inner_env.update(zip(inner.invars, invals))
-            outs = _translate(graph, inner, inner_env)
+            sub_jaxpr, consts = sub
+            inner_env = {v: np.asarray(c) for v, c in zip(sub_jaxpr.constvars, consts)}
+            inner_env.update(zip(sub_jaxpr.invars, invals))
+            outs = _translate(graph, sub_jaxpr, inner_env, inner=True)
         else:
             rule = _RULES.get(name)
             if rule is None:
@@ -295,7 +342,9 @@ def _translate(graph: _Graph, jaxpr, env: dict) -> list:
             outs = single if eqn.primitive.multiple_results else [single]
         for var, value in zip(eqn.outvars, outs):
             env[var] = value
-    return [_materialize(graph, _read(env, v)) for v in jaxpr.outvars]
+    # A pending ReLU leaves a call (jax.nn.relu6 is one) as it is: every reader sees one value.
+    return [value if inner and isinstance(value, _PendingRelu) else _materialize(graph, value)
+            for value in (_read(env, v) for v in jaxpr.outvars)]
 
 
 def _sub_jaxpr(eqn):
@@ -320,6 +369,8 @@ def _materialize(graph: _Graph, value):
     artifact kernel used by something other than a conv or a dense layer as its DequantizeLinear."""
     if isinstance(value, _PendingConv):
         return value.emit(graph, None)
+    if isinstance(value, _PendingRelu):
+        return value.emit(graph)
     if isinstance(value, _WeightRef):  # written once, however many ops read it (depthwise taps)
         if value.materialized is None:
             value.materialized = _weight_input(graph, value.name, value.kernel, tuple(range(value.kernel.ndim)))
@@ -340,10 +391,11 @@ class _PendingConv:
         dn = self.params["dimension_numbers"]
         lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
         x = graph.node("Transpose", [self.x], perm=list(lhs_spec))
-        w = _weight_input(graph, self.weight_layer, self.kernel, rhs_spec)
+        layer = None if bias is None else _full_integer_layer(graph, bias, self.x, self.weight_layer)
+        w = _weight_input(graph, self.weight_layer, self.kernel, rhs_spec, layer)
         inputs = [x, w]
         if bias is not None:
-            inputs.append(_bias_input(graph, bias, self.x, self.weight_layer))
+            inputs.append(_bias_input(graph, bias, self.x, self.weight_layer, layer))
         if any(d != 1 for d in self.params["lhs_dilation"]) or self.params["batch_group_count"] != 1:
             raise ValueError("ONNX export: transposed or batch-grouped convolutions are not supported")
         padding = self.params["padding"]
@@ -355,12 +407,13 @@ class _PendingConv:
         return self.result
 
 
-def _weight_input(graph: _Graph, weight, kernel, perm) -> str:
+def _weight_input(graph: _Graph, weight, kernel, perm, layer=None) -> str:
     """The kernel transposed by ``perm``: an integer initializer with its per-channel DequantizeLinear
-    when it is an artifact kernel (channel axis = where the kernel's last axis lands), else a float one."""
+    when it is an artifact kernel (channel axis = where the kernel's last axis lands; ``layer``
+    in place of the artifact's), else a float one."""
     if weight is None:
         return graph.constant(np.transpose(np.asarray(kernel, np.float32), perm), "kernel")
-    layer = graph.artifact.layers[weight]
+    layer = layer or graph.artifact.layers[weight]
     q = np.transpose(np.asarray(layer.weight, np.int8), perm)
     axis = list(perm).index(np.ndim(layer.weight) - 1)
     onnx = graph.onnx
@@ -382,16 +435,46 @@ def _weight_input(graph: _Graph, weight, kernel, perm) -> str:
     return graph.node("DequantizeLinear", [q_name, scale, zp_name], f"{weight}.w", axis=axis)
 
 
-def _bias_input(graph: _Graph, bias: np.ndarray, x, weight) -> str:
+def _int32_levels(graph: _Graph, bias: np.ndarray, x, layer) -> np.ndarray | None:
+    """``bias / (s_x · s_w)`` per channel (float64), or None where the conv's input is not quantized."""
+    source = graph.info.get(x) if isinstance(x, str) else None
+    if layer is None or source is None or source[0] != "qdq":
+        return None
+    scale = np.float32(source[1]) * np.asarray(layer.w_scale, np.float32)  # the bias's DequantizeLinear scale
+    return np.asarray(bias, np.float64) / scale.astype(np.float64)
+
+
+def _full_integer_layer(graph: _Graph, bias: np.ndarray, x, weight):
+    """In the full-integer graph, the layer with every channel whose bias int32 cannot hold (2^31
+    accumulator units or more: weights ~1e-9 of the bias, EfficientNet-Lite0's dead channels)
+    turned into its bias alone — zero kernel, a scale that holds the bias — so the conv still runs
+    as ``QLinearConv``; None where nothing changes (and always in the exact graph)."""
+    layer = graph.artifact.layers.get(weight)
+    levels = _int32_levels(graph, bias, x, layer)
+    if not isinstance(graph.residuals, dict) or not graph.int32_biases or levels is None:
+        return None
+    over = np.abs(levels) >= 2**30
+    if not over.any():
+        return None
+    s_x = float(graph.info[x][1])
+    weight_q, w_scale = np.array(layer.weight), np.array(layer.w_scale, np.float64)
+    weight_q[..., over] = 0
+    w_scale[over] = np.abs(np.asarray(bias, np.float64)[over]) / (s_x * 2**24)
+    return layer.replace(weight=weight_q, w_scale=w_scale.astype(np.float32))
+
+
+def _bias_input(graph: _Graph, bias: np.ndarray, x, weight, layer=None) -> str:
     """A conv bias: int32 at scale ``s_x · s_w`` behind a DequantizeLinear in an all-W8A8 graph (the
     form ONNX Runtime fuses into ``QLinearConv``; rounding the bias moves outputs by at most half
-    an accumulator unit), else float (exact; narrower convs run dequantized in float anyway)."""
-    source = graph.info.get(x) if isinstance(x, str) else None
-    layer = graph.artifact.layers.get(weight)
-    if layer is None or source is None or source[0] != "qdq" or not graph.int32_biases:
+    an accumulator unit), else float (exact; narrower convs run dequantized in float anyway) — also
+    where a channel's bias is 2^31 accumulator units or more (a channel with a tiny weight scale,
+    as EfficientNet-Lite0 has), which int32 cannot hold."""
+    layer = layer or graph.artifact.layers.get(weight)
+    levels = _int32_levels(graph, bias, x, layer)
+    if levels is None or not graph.int32_biases or not np.all(np.abs(levels) < 2**31 - 1):
         return graph.constant(np.asarray(bias, np.float32), "bias", dtype=np.float32)
-    scale = np.float32(source[1]) * np.asarray(layer.w_scale, np.float32)
-    q = np.clip(np.round(bias / scale), -2**31, 2**31 - 1).astype(np.int32)
+    scale = np.float32(graph.info[x][1]) * np.asarray(layer.w_scale, np.float32)
+    q = np.round(levels).astype(np.int32)
     return graph.node("DequantizeLinear", [graph.constant(q, "bias.q", dtype=np.int32),
                                            graph.constant(scale.astype(np.float32), "bias.scale", dtype=np.float32),
                                            graph.constant(np.zeros_like(q), "bias.zp", dtype=np.int32)], "bias", axis=0)
@@ -400,10 +483,25 @@ def _bias_input(graph: _Graph, bias: np.ndarray, x, weight) -> str:
 def _qdq(graph: _Graph, eqn, invals, single_use):
     (x,) = invals
     scale, bits, signed = eqn.params["scale"], eqn.params["bits"], eqn.params["signed"]
+    activation = None
+    if isinstance(x, _PendingRelu) and x.absorbed_by(scale, bits, signed):
+        activation, x = x, x.x  # the grid's own saturation is the ReLU (and the ReLU6 clip)
     x = _materialize(graph, x)
     q_min, q_max = (float(v) for v in numerics.quant_range(bits, signed=signed))
+    source = x
+    if (source, scale, bits, signed) in graph.grids:  # a tensor two layers read on one grid: one quantizer
+        return graph.grids[(source, scale, bits, signed)]
     if bits < 8:  # clip to the narrower grid first; clip-then-round = round-then-clip
         x = graph.node("Clip", [x, np.float32(q_min * scale), np.float32(q_max * scale)])
+    out = _quantize_dequantize(graph, x, scale, signed)
+    graph.quantized.setdefault(source, (out, bits))
+    graph.grids[(source, scale, bits, signed)] = out
+    if activation is not None and activation.quantized is None:
+        activation.quantized = (out, bits)
+    return out
+
+
+def _quantize_dequantize(graph: _Graph, x: str, scale: float, signed: bool) -> str:
     # uint8 for every grid (a signed one with zero point 128, the same levels): ONNX Runtime's x86
     # kernels take uint8 activations, and its int8-to-uint8 rewrite fails on some graphs.
     scale_name = graph.constant(np.float32(scale), "a.scale", dtype=np.float32)
@@ -412,6 +510,27 @@ def _qdq(graph: _Graph, eqn, invals, single_use):
     out = graph.node("DequantizeLinear", [q, scale_name, zero], "dq")
     graph.info[out] = ("qdq", np.float32(scale))
     return out
+
+
+RECORD = "record"
+
+
+def _residual_operand(graph: _Graph, x: str, key: str, shape: list[int]) -> str:
+    """One float operand of a residual add, on an 8-bit grid: the DequantizeLinear of the same
+    tensor where a layer already quantizes it at 8 bits (an identity shortcut: the values the
+    block's first conv reads), else the calibrated grid ``residuals[key]``."""
+    if x in graph.info:
+        return x
+    if x in graph.quantized and graph.quantized[x][1] == 8:
+        return graph.quantized[x][0]
+    if graph.residuals == RECORD:
+        graph.recorded.append((key, x, shape))
+        return x
+    if key not in graph.residuals:
+        raise ValueError(f"ONNX export: no scale for residual operand {key!r} (residual_scales of this model "
+                         f"and artifact give {', '.join(sorted(graph.residuals)) or 'none'})")
+    grid = graph.residuals[key]
+    return _quantize_dequantize(graph, x, float(grid["scale"]), signed=bool(grid["signed"]))
 
 
 def _weight(graph: _Graph, eqn, invals, single_use):
@@ -465,11 +584,47 @@ def _binary(op):
             return a  # x ± 0 (a folded BatchNorm's mean): nothing to compute, a pending conv stays pending
         if op in ("Mul", "Div") and _is_const(b) and np.all(_minimal(b) == 1):
             return a
+        if op == "Min" and isinstance(a, _PendingRelu) and a.result is None and a.high is None and _is_const(b) \
+                and _minimal(b).size == 1 and float(_minimal(b).reshape(())) > 0:
+            return _PendingRelu(a.x, float(_minimal(b).reshape(())))
+        if op == "Add" and graph.residuals is not None:  # a block output's ReLU that a layer's grid absorbed
+            a, b = (v.quantized[0] if isinstance(v, _PendingRelu) and v.quantized and v.quantized[1] == 8 else v
+                    for v in (a, b))
         a, b = _materialize(graph, a), _materialize(graph, b)
+        if op == "Add" and graph.residuals is not None and not _is_const(a) and not _is_const(b) \
+                and len(eqn.outvars[0].aval.shape) >= 3:
+            k = graph.residual_count
+            graph.residual_count += 1
+            shape = list(eqn.outvars[0].aval.shape)
+            a, b = (_residual_operand(graph, v, f"residual{k}.{i}", shape) for i, v in enumerate((a, b)))
         if op == "Max" and _is_const(b) and not np.any(_minimal(b)):
-            return graph.node("Relu", [a])
+            return _PendingRelu(a)
         return graph.node(op, [a, b])
     return rule
+
+
+class _PendingRelu:
+    """``max(x, 0)`` — or ``min(max(x, 0), high)`` (ReLU6) — written when something reads it.
+    A quantizer whose unsigned grid saturates inside ``[0, high]`` reads ``x`` itself, the
+    same integers (:func:`_qdq`), so ONNX Runtime sees the conv before it end in a quantizer
+    and runs it as ``QLinearConv``."""
+
+    def __init__(self, x: str, high: float | None = None):
+        self.x, self.high, self.result = x, high, None
+        self.quantized: tuple[str, int] | None = None  # (DequantizeLinear output, bits) of a grid that absorbed it
+
+    def emit(self, graph: _Graph) -> str:
+        if self.result is None:
+            self.result = graph.node("Relu", [self.x]) if self.high is None else \
+                graph.node("Clip", [self.x, np.float32(0), np.float32(self.high)])
+        return self.result
+
+    def absorbed_by(self, scale: float, bits: int, signed: bool) -> bool:
+        """Whether quantizing ``x`` gives the integers of quantizing this activation of ``x``:
+        an unsigned grid (negatives round to 0 either way) whose top level is reached below
+        ``high`` (``high / scale > q_max − ½``, so ``high`` rounds to ``q_max``)."""
+        q_max = (1 << bits) - 1
+        return not signed and (self.high is None or np.float32(self.high) / np.float32(scale) > q_max - 0.5)
 
 
 def _unary(op):

@@ -6,10 +6,14 @@ XLA fuses into one elementwise loop, they run several times faster (figures in
 BUILD_NOTES.md). Pointwise (1x1, stride 1) convolutions run as a matrix product, whose
 gradients XLA:CPU computes about twice as fast as a convolution's. Other backends keep
 ``lax.conv_general_dilated``. The module stays an
-``nn.Conv`` either way, so quantization and energy counting see it unchanged.
+``nn.Conv`` either way, so quantization and energy counting see it unchanged. Code that
+reads convolutions as ``lax.conv_general_dilated`` calls (Qwix's interception, the ONNX
+export) traces under :func:`lax_convolutions`.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -62,11 +66,25 @@ def _no_padding(padding) -> bool:
     return isinstance(padding, str) or all(p == (0, 0) for p in padding)  # a 1x1 window pads nothing
 
 
+_LAX_ONLY = [0]  # > 0 inside lax_convolutions()
+
+
+@contextlib.contextmanager
+def lax_convolutions():
+    """Within (at trace time): :func:`conv_general_dilated` is ``lax.conv_general_dilated`` itself,
+    no shift-add or matrix-product paths."""
+    _LAX_ONLY[0] += 1
+    try:
+        yield
+    finally:
+        _LAX_ONLY[0] -= 1
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
     """``lax.conv_general_dilated`` with the fast depthwise and pointwise paths on CPU (same signature)."""
     undilated = all(d == 1 for d in (lhs_dilation or (1,))) and all(d == 1 for d in (rhs_dilation or (1,)))
-    plain = (jax.default_backend() == "cpu" and lhs.ndim == 4 and undilated and not kwargs
+    plain = (jax.default_backend() == "cpu" and not _LAX_ONLY[0] and lhs.ndim == 4 and undilated and not kwargs
              and _is_channels_last(dimension_numbers, lhs.ndim))
     if (plain and feature_group_count == lhs.shape[-1] == rhs.shape[-1] and rhs.shape[2] == 1
             and feature_group_count > 1):
