@@ -5,13 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-runs/qat}
-PY=${PYTHON:-.venv/bin/python}
+. benchmarks/workloads.sh  # PY, the converted ResNet-18 at R18_WEIGHTS
 DATA=../shared/data
-R18=runs/weights/resnet18_cifar10
-if [ ! -d "$R18" ]; then
-  $PY -m weights_convert --model=resnet18_cifar --checkpoint=$DATA/weights/resnet18_cifar10/resnet18_cifar10.safetensors \
-    --mean=0.4914,0.4822,0.4465 --std=0.2470,0.2435,0.2616 --out=$R18
-fi
 run() {  # NAME FLAGS...: one experiments.qat run in RUNS/NAME, resumed when it has checkpoints
   local name=$1; shift
   if [ -f "$RUNS/$name/qat/results.json" ] && grep -q '"finished": true' "$RUNS/$name/qat/results.json"; then
@@ -25,7 +20,7 @@ mkdir -p "$RUNS"
 # ResNet-18 (shared CIFAR-10 checkpoint): 10,000 training images, one epoch, all 10,000 test images.
 # SGD at 2e-5 (weights) / 2e-4 (step sizes): at 2e-4 on the weights six steps already cost the
 # FP32 control 8 points on held-out images (BUILD_NOTES).
-R18_FLAGS="--model=resnet18_cifar --weights=$R18 --train_dataset=tar:$DATA/cifar10/train.tar
+R18_FLAGS="--model=resnet18_cifar --weights=$R18_WEIGHTS --train_dataset=tar:$DATA/cifar10/train.tar
   --calib_dataset=tar:$DATA/cifar10/train.tar --dataset=tar:$DATA/cifar10/test.tar --batch_size=250
   --train_batch_size=128 --train_images=10000 --epochs=1 --learning_rate=2e-5 --step_learning_rate=2e-4
   --log_every=10"

@@ -15,9 +15,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-runs/width_search}
-PY=${PYTHON:-.venv/bin/python}
+. benchmarks/workloads.sh  # PY, the converted ResNet-18 at R18_WEIGHTS
 DATA=../shared/data
-R18=runs/weights/resnet18_cifar10
 qat() {  # NAME FLAGS...: one experiments.qat run in RUNS/NAME, resumed when it has checkpoints
   local name=$1; shift
   grep -qs '"finished": true' "$RUNS/$name/qat/results.json" && return
@@ -49,11 +48,7 @@ mkdir -p "$RUNS"
 for model in ${MODELS:-r18}; do
   case $model in
     r18)
-      if [ ! -d "$R18" ]; then
-        $PY -m weights_convert --model=resnet18_cifar --checkpoint=$DATA/weights/resnet18_cifar10/resnet18_cifar10.safetensors \
-          --mean=0.4914,0.4822,0.4465 --std=0.2470,0.2435,0.2616 --out=$R18
-      fi
-      WORKLOAD="--model=resnet18_cifar --weights=$R18 --calib_dataset=tar:$DATA/cifar10/train.tar
+      WORKLOAD="--model=resnet18_cifar --weights=$R18_WEIGHTS --calib_dataset=tar:$DATA/cifar10/train.tar
         --dataset=tar:$DATA/cifar10/test.tar --batch_size=250"
       TRAIN="--train_dataset=tar:$DATA/cifar10/train.tar --train_batch_size=128 --train_images=5000
         --learning_rate=2e-5 --step_learning_rate=2e-4 --log_every=10"

@@ -213,10 +213,9 @@ class _Graph:
         self.artifact, self.weight_type = artifact, weight_type
         self.nodes, self.initializers, self.counter = [], [], 0
         self.info: dict[str, tuple] = {}  # ONNX name of a DequantizeLinear output -> ('qdq', its scale)
-        self.quantized: dict[str, tuple[str, int]] = {}  # a float tensor -> (its DequantizeLinear output, bits)
         self.grids: dict[tuple, str] = {}  # (tensor, scale, bits, signed) -> its DequantizeLinear output
         # Residual adds: None (float, as JAX computes them), RECORD (their float operands as extra
-        # outputs, for residual_scales) or {operand key: scale} (each operand quantized to 8 bits).
+        # outputs, for residual_scales) or {operand key: {"scale", "signed"}} (each on an 8-bit grid).
         self.residuals, self.residual_count, self.recorded = residuals, 0, []
         # int32 conv biases only where every integer layer is W8A8: one rounded bias ahead of a
         # narrower grid moved 3.5% of ResNet-18 W4A4's predictions (its first conv is W8A8).
@@ -494,7 +493,6 @@ def _qdq(graph: _Graph, eqn, invals, single_use):
     if bits < 8:  # clip to the narrower grid first; clip-then-round = round-then-clip
         x = graph.node("Clip", [x, np.float32(q_min * scale), np.float32(q_max * scale)])
     out = _quantize_dequantize(graph, x, scale, signed)
-    graph.quantized.setdefault(source, (out, bits))
     graph.grids[(source, scale, bits, signed)] = out
     if activation is not None and activation.quantized is None:
         activation.quantized = (out, bits)
@@ -521,8 +519,9 @@ def _residual_operand(graph: _Graph, x: str, key: str, shape: list[int]) -> str:
     block's first conv reads), else the calibrated grid ``residuals[key]``."""
     if x in graph.info:
         return x
-    if x in graph.quantized and graph.quantized[x][1] == 8:
-        return graph.quantized[x][0]
+    first = next(((key, out) for key, out in graph.grids.items() if key[0] == x), None)  # its first quantizer
+    if first is not None and first[0][2] == 8:
+        return first[1]
     if graph.residuals == RECORD:
         graph.recorded.append((key, x, shape))
         return x

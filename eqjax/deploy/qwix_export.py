@@ -181,12 +181,6 @@ def _rules(layers: Mapping[str, QwixLayer]) -> list:
         for layer in layers.values()]
 
 
-def _leaf(tree: Mapping, path: tuple[str, ...]) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
 def export(model: nn.Module, artifact: IntegerArtifact, *, example: Any, backend: str | None = None) -> QwixModel:
     """The Qwix PTQ model of ``artifact`` (built for ``model``) and its pre-quantized variables.
 
@@ -216,26 +210,26 @@ def export(model: nn.Module, artifact: IntegerArtifact, *, example: Any, backend
         abstract = jax.eval_shape(quantized.init, jax.random.key(0), example)
     by_path = {layer.path: (name, layer) for name, layer in layers.items()}
     flat = flax.traverse_util.flatten_dict(abstract["params"], is_leaf=lambda _, x: isinstance(x, ptq.WithAux))
+    floats = flax.traverse_util.flatten_dict(artifact.variables["params"])
     params = {}
     for key, template in flat.items():
         module, leaf = "/".join(key[:-1]), key[-1]
-        name, rule = by_path.get(module, (None, None))
+        name, qwix_layer = by_path.get(module, (None, None))
         source = artifact.layers[name] if name else None
         if isinstance(template, ptq.WithAux) and isinstance(template.array, qarray.QArray):
             q = jnp.asarray(np.asarray(source.weight), template.array.qvalue.dtype)
             scale = jnp.asarray(source.w_scale, jnp.float32).reshape(template.array.scale.shape)
             params[key] = template.replace(array=qarray.QArray(qvalue=q, scale=scale, zero_point=None,
                                                                qtype=template.array.qtype))
-        elif isinstance(template, ptq.WithAux) and leaf == f"{rule.op}0_lhs_scale":
+        elif isinstance(template, ptq.WithAux) and leaf == f"{qwix_layer.op}0_lhs_scale":
             params[key] = template.replace(array=jnp.full(template.array.shape, source.a_scale[0], jnp.float32))
-        elif rule is not None and leaf == f"{rule.op}0_lhs_zero_point":
-            params[key] = jnp.full(template.shape, rule.zero_point, template.dtype)
+        elif qwix_layer is not None and leaf == f"{qwix_layer.op}0_lhs_zero_point":
+            params[key] = jnp.full(template.shape, qwix_layer.zero_point, template.dtype)
+        elif key in floats:
+            params[key] = jnp.asarray(floats[key], template.dtype)
         else:
-            try:
-                params[key] = jnp.asarray(_leaf(artifact.variables["params"], key), template.dtype)
-            except KeyError:
-                raise ValueError(f"Qwix's model has a parameter {'/'.join(key)} that the artifact does not hold "
-                                 "(a layer Qwix quantized that eqjax did not?)") from None
+            raise ValueError(f"Qwix's model has a parameter {'/'.join(key)} that the artifact does not hold "
+                             "(a layer Qwix quantized that eqjax did not?)")
     variables = {**jax.tree_util.tree_map(jnp.asarray, {k: v for k, v in artifact.variables.items() if k != "params"}),
                  "params": flax.traverse_util.unflatten_dict(params)}
     return QwixModel(quantized, variables, tuple(rules), layers)
