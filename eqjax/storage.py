@@ -147,6 +147,23 @@ def without_json_digest(payload: dict[str, Any], *, where: str) -> dict[str, Any
     return payload
 
 
+def read_json_object(path: str, *, where: str, what: str) -> dict[str, Any]:
+    """The JSON object in ``path`` without its integrity entry (:func:`without_json_digest`).
+
+    Raises:
+      ValueError: no such file, not JSON, or not an object (each names ``where`` and ``what`` the
+        file should be); :class:`CorruptFileError` when it differs from what was written.
+    """
+    try:
+        with open(path) as f:
+            payload = json.load(f)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{where} is not {what} ({type(e).__name__}: {e})") from None
+    if not isinstance(payload, dict):
+        raise ValueError(f"{where} is not {what} (not a JSON object)")
+    return without_json_digest(payload, where=where)
+
+
 def with_integrity(meta: dict[str, Any], tree: Any) -> dict[str, Any]:
     """``meta`` plus its :data:`INTEGRITY_KEY` entry: the digests of ``tree`` and of ``meta`` itself."""
     return {**meta, INTEGRITY_KEY: {"digest": DIGEST, "arrays": tree_digest(tree), "meta": json_digest(meta)}}

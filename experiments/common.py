@@ -224,14 +224,23 @@ def read_results_json(path: str, *, flag: str, what: str = "a results.json") -> 
       ValueError: no such file, not a JSON object, or content changed since it was written
         (each names ``flag``, the file and ``what`` it should be).
     """
-    try:
-        with open(path) as f:
-            payload = json.load(f)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{flag}={path} is not {what} ({type(e).__name__}: {e})") from None
-    if not isinstance(payload, dict):
-        raise ValueError(f"{flag}={path} is not {what} (not a JSON object)")
-    return storage.without_json_digest(payload, where=f"{flag}={path}")
+    return storage.read_json_object(path, where=f"{flag}={path}", what=what)
+
+
+def read_bits_table(path: str, *, flag: str = "--bits_json") -> dict[str, dict]:
+    """The per-layer ``{layer: {"w": bits, "a": bits}}`` table (``None``: not quantized) of a
+    ptq/mixed/qat results.json (its ``bits``) or of a file holding only such a table.
+
+    Raises:
+      ValueError: the file is neither (names ``flag`` and the file).
+    """
+    what = "a ptq/mixed results.json with a 'bits' table (or a {layer: {w, a}} file)"
+    payload = read_results_json(path, flag=flag, what=what)
+    table = payload.get("bits", payload)
+    if not table or not isinstance(table, dict) or not all(
+            isinstance(entry, dict) and {"w", "a"} <= set(entry) for entry in table.values()):
+        raise ValueError(f"{flag}={path} is not {what}")
+    return table
 
 
 def pyplot():

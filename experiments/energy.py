@@ -37,11 +37,6 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", "runs/default", "Output folder; results go to WORKDIR/energy/.")
 
 
-def read_bits(path: str) -> dict:
-    payload = common.read_results_json(path, flag="--bits_json")
-    return payload.get("bits", payload)
-
-
 def _plot(path, rows, title):
     plt = common.pyplot()
     labels = [r["label"] for r in rows]
@@ -114,7 +109,7 @@ def run(config: EnergyRunConfig) -> dict:
     configs = [("FP32", None)] + [(f"W{b}A{b}", uniform(b, b)) for b in (8, 6, 4)]
     w_bits, a_bits = config.w_bits, config.a_bits
     if config.bits_json:
-        configs.append(("policy", read_bits(config.bits_json)))
+        configs.append(("policy", common.read_bits_table(config.bits_json)))
     elif (w_bits, a_bits) not in {(b, b) for b in (8, 6, 4)}:
         configs.append((f"W{w_bits}A{a_bits}", uniform(w_bits, a_bits)))
     requested = "policy" if config.bits_json else f"W{w_bits}A{a_bits}"

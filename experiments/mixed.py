@@ -59,6 +59,7 @@ def define_flags() -> None:
     flags.DEFINE_string("sensitivity_json", None, "Reuse a results.json of experiments.sensitivity.")
     flags.DEFINE_string("workdir", "runs/default", "Output folder; results go to WORKDIR/mixed/.")
     workload_lib.define_reconstruction_flags()
+    workload_lib.define_bias_correction_flags()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

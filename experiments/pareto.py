@@ -91,8 +91,9 @@ def load_points(patterns) -> list[dict]:
                        "method": _method(result), "relative_energy": result["energy"]["relative"],
                        "top1": result["top1"]})
         if result.get("experiment") == "qat" and result.get("nearest_top1") is not None:  # its start, same widths
+            corrected = " + bias corr." if result.get("config", {}).get("bias_correction") else ""
             points.append({"model": result["model"], "path": path, "method": "nearest",
-                           "label": f"{_widths(result)} round-to-nearest (QAT start)",
+                           "label": f"{_widths(result)} round-to-nearest{corrected} (QAT start)",
                            "relative_energy": result["energy"]["relative"], "top1": result["nearest_top1"]})
         fp32 = {"model": result["model"], "label": "FP32", "path": path, "method": "nearest",
                 "relative_energy": 1.0, "top1": result["fp32_top1"]}

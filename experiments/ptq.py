@@ -51,6 +51,7 @@ def define_flags() -> None:
     flags.DEFINE_bool("equalize", False, "Cross-layer equalization before calibration (Nagel et al., 2019): the "
                       "model's ReLU variant, BatchNorms folded, channel ranges of each layer pair equalized.")
     workload_lib.define_reconstruction_flags()
+    workload_lib.define_bias_correction_flags()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import flags
+from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
 
 from eqjax import data, ptq, training
@@ -78,6 +79,7 @@ def define_flags() -> None:
     """Defines this script's flags (when it runs as a program; importing it defines none)."""
     workload_lib.define_shared_flags()
     workload_lib.define_reconstruction_flags()
+    workload_lib.define_bias_correction_flags(fold_batchnorm=False)
     workload_lib.define_bits_flags(4, bits_json=True)
     flags.DEFINE_string("train_dataset", None, "Training images (default: --calib_dataset).")
     flags.DEFINE_integer("train_images", None, "Train on this many images (default all).")
@@ -131,6 +133,7 @@ class QatRunConfig:
     bits_json: str | None = None
     reconstruction: reconstruction_lib.ReconstructionConfig | None = None
     recon_state: str | None = None
+    bias_correction: bool = False
     search: width_search.SearchConfig | None = None
     search_epochs: int = 1
     width_learning_rate: float = 0.1
@@ -184,6 +187,12 @@ class QatRunConfig:
                                               ("--asymmetric", self.qat.asymmetric)) if given]
             if clash:
                 raise ValueError(f"--learn_bits chooses the widths itself and learns symmetric grids: leave out "
+                                 f"{', '.join(clash)}")
+        if self.bias_correction:
+            clash = [flag for flag, given in (("--control", self.control), ("--learn_bits", self.search is not None),
+                                              ("--reconstruct", self.reconstruction is not None)) if given]
+            if clash:
+                raise ValueError(f"--bias_correction corrects the round-to-nearest start of QAT: leave out "
                                  f"{', '.join(clash)}")
         if self.reconstruction is not None and self.qat.batchnorm != "fold":
             raise ValueError("--reconstruct needs --batchnorm=fold (the reconstructed weights are the folded ones)")
@@ -244,7 +253,7 @@ def config_from_flags() -> QatRunConfig:
             "search_epochs", "width_learning_rate", "width_init",
             "train_dataset", "train_images", "epochs", "train_batch_size", "optimizer", "learning_rate",
             "step_learning_rate", "weight_decay", "schedule", "warmup_fraction", "augment", "control",
-            "eval_every", "checkpoint_every", "log_every", "resume", "workdir", "recon_state")})
+            "eval_every", "checkpoint_every", "log_every", "resume", "workdir", "recon_state", "bias_correction")})
 
 
 def _fingerprint(config: QatRunConfig) -> dict[str, Any]:
@@ -334,6 +343,10 @@ def _run(config: QatRunConfig, out: str, checkpoints: loop.Checkpoints, started:
         policy, weight_scales = recon.policy, recon.weight_scales
         start_variables = reconstruction_lib.quantized_variables(work.variables, recon.policy, recon.rounding,
                                                                  recon.weight_scales)
+    elif config.bias_correction:
+        rounded = work.quantize(policy, config.ptq)
+        corrected = work.correct_bias(rounded)
+        start_variables = _bias_corrected(work.variables, rounded.variables, corrected.variables)
     if config.search is None:
         start = qat.prepare(work.model, start_variables, policy, work.calls, example=example, config=config.qat,
                             weight_scales=weight_scales, statistics=stats, weight_method=config.ptq.weight_method)
@@ -344,9 +357,13 @@ def _run(config: QatRunConfig, out: str, checkpoints: loop.Checkpoints, started:
     fp32 = work.evaluate_fp32()
     nearest = None
     if not config.control:
-        reference = (work.quantize(policy, config.ptq) if recon_info is None
-                     else ptq.QuantizedState(start_variables, policy))
-        nearest = work.evaluate_quantized(reference, "round-to-nearest" if recon_info is None else recon_info["method"])
+        if recon_info is not None:
+            reference, label = ptq.QuantizedState(start_variables, policy), recon_info["method"]
+        elif config.bias_correction:
+            reference, label = corrected, "round-to-nearest + bias correction"
+        else:
+            reference, label = work.quantize(policy, config.ptq), "round-to-nearest"
+        nearest = work.evaluate_quantized(reference, label)
 
     steps_per_epoch = len(train_images) // config.train_batch_size
     total_steps = config.epochs * steps_per_epoch
@@ -432,6 +449,16 @@ def _placed_step(config: QatRunConfig, work: workload_lib.Workload, optimizer: o
                          std=work.preprocessing.std, augmentation=config.augment, forward_fn=forward_fn)
     return (state, setup, lambda state, images, labels: step(state, setup, teacher, images, labels),
             NamedSharding(mesh, PartitionSpec("data")))
+
+
+def _bias_corrected(variables: dict, rounded: dict, corrected: dict) -> dict:
+    """The float ``variables`` with what bias correction changed in the ``rounded`` ones (BatchNorm
+    means, biases: :func:`eqjax.quant.folding.correct_bias`) taken from ``corrected``: the QAT start
+    whose round-to-nearest forward is the bias-corrected one."""
+    flat, flat_rounded, flat_corrected = (traverse_util.flatten_dict(t) for t in (variables, rounded, corrected))
+    return traverse_util.unflatten_dict({
+        path: flat_corrected[path] if not np.array_equal(flat_rounded[path], flat_corrected[path]) else value
+        for path, value in flat.items()})
 
 
 def _kept_layers(config: QatRunConfig, work: workload_lib.Workload) -> tuple[str, ...]:
@@ -553,10 +580,11 @@ def main(argv):
         widths = f" (widths of {r['config']['bits_json']}, energy {r['energy']['relative']:.4g})"
     else:
         widths = f" W{r['w_bits']}A{r['a_bits']}"
-    print(f"{r['model']} {r['method']}{widths}: top-1 {r['top1']:.2f}% (FP32 "
-          f"{r['fp32_top1']:.2f}%" + (f", round-to-nearest {r['nearest_top1']:.2f}%" if r["nearest_top1"] is not None
-                                      else "") + f"), training-set top-1 {r['train_top1']:.2f}% on "
-          f"{r['num_eval_images']} images after {r['config']['epochs']} epochs -> {r['results_path']}")
+    start = "round-to-nearest" + (" + bias correction" if r["config"].get("bias_correction") else "")
+    print(f"{r['model']} {r['method']}{widths} after {r['config']['epochs']} epochs: top-1 {r['top1']:.2f}% on "
+          f"{r['num_eval_images']} images (FP32 {r['fp32_top1']:.2f}%"
+          + (f", {start} {r['nearest_top1']:.2f}%" if r["nearest_top1"] is not None else "")
+          + f"), training-set top-1 {r['train_top1']:.2f}% on {r['train_eval_images']} images -> {r['results_path']}")
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def define_bits_flags(default_bits: int, *, bits_json: bool = False) -> None:
 
 
 def define_reconstruction_flags() -> None:
-    """The flags of reconstruction PTQ (experiments.ptq and experiments.mixed)."""
+    """The flags of reconstruction PTQ (experiments.ptq, mixed, qat and deploy)."""
     flags.DEFINE_enum("reconstruct", "none", ["none", *reconstruction.METHODS],
                       "Reconstruction PTQ after calibration: adaround (layer by layer), brecq (blocks), "
                       "qdrop (blocks, activation quantization dropped with --drop_prob).")
@@ -69,8 +69,15 @@ def define_reconstruction_flags() -> None:
                       "(BRECQ): squared gradients of KL(FP || quantized) w.r.t. the unit output.")
     flags.DEFINE_string("recon_state", None, "Reuse the reconstructed state that an earlier run saved "
                         "(WORKDIR/<script>/reconstruction) instead of reconstructing again.")
-    flags.DEFINE_bool("fold_batchnorm", False, "Fold every BatchNorm into the conv before it, before "
-                      "calibration (what integer kernels run; FP32 outputs unchanged).")
+
+
+def define_bias_correction_flags(*, fold_batchnorm: bool = True) -> None:
+    """``--bias_correction`` and (``fold_batchnorm``) ``--fold_batchnorm``: the float-side
+    adjustments of a round-to-nearest start (experiments.ptq, experiments.mixed; experiments.qat
+    folds BatchNorm itself and takes ``--bias_correction`` only)."""
+    if fold_batchnorm:
+        flags.DEFINE_bool("fold_batchnorm", False, "Fold every BatchNorm into the conv before it, before "
+                          "calibration (what integer kernels run; FP32 outputs unchanged).")
     flags.DEFINE_bool("bias_correction", False, "Remove the mean output shift that weight quantization "
                       "causes in each layer, measured on the calibration images (Nagel et al., 2019).")
 
@@ -411,13 +418,9 @@ class Workload:
 
 
 def read_bits_json(path: str) -> dict[str, tuple[int, int]]:
-    """``{layer: (w_bits, a_bits)}`` of a ptq/mixed results.json (layers not quantized keep 8 bits
-    and stay disabled by their policy entry)."""
-    what = "a ptq/mixed results.json with a 'bits' table"
-    table = common.read_results_json(path, flag="--bits_json", what=what).get("bits")
-    if not isinstance(table, dict):
-        raise ValueError(f"--bits_json={path} is not {what}")
-    return {name: (entry["w"] or 8, entry["a"] or 8) for name, entry in table.items()}
+    """``{layer: (w_bits, a_bits)}`` of :func:`common.read_bits_table` (layers not quantized keep 8
+    bits and stay disabled by their policy entry)."""
+    return {name: (entry["w"] or 8, entry["a"] or 8) for name, entry in common.read_bits_table(path).items()}
 
 
 def check_classes(source: data.ImageSource, num_classes: int, *, flag: str) -> None:

@@ -132,6 +132,24 @@ def test_folded_start_computes_the_fp32_function_and_the_round_to_nearest_model(
     assert [(p.layer, p.batchnorm) for p in start.setup.folded] == [("conv0", "bn0"), ("conv1", "bn1")]
 
 
+def test_bias_corrected_start_is_the_bias_corrected_round_to_nearest_model(small):
+    model, variables, x = small["model"], small["variables"], small["x"]
+    apply_fn, rounded = ptq.quantize(model, variables, small["policy"])
+    corrected, where = folding.correct_bias(model, variables, rounded.variables, small["policy"], [x],
+                                            example=x[:1])
+    assert where == {"conv0": "batchnorm", "conv1": "batchnorm", "head": "bias"}
+    start_variables = qat_script._bias_corrected(variables, rounded.variables, corrected)
+    # Float kernels, corrected BatchNorm means.
+    np.testing.assert_array_equal(start_variables["params"]["conv0"]["kernel"], variables["params"]["conv0"]["kernel"])
+    assert not np.array_equal(start_variables["batch_stats"]["bn0"]["mean"], variables["batch_stats"]["bn0"]["mean"])
+    start = qat.prepare(model, start_variables, small["policy"], small["calls"], example=x[:1])
+    logits, _ = qat.forward(model, start.setup, start.trainables, start.variables["batch_stats"], x,
+                            config=qat.QatConfig())
+    expected = apply_fn(rounded.replace(variables=corrected), x)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), atol=1e-4)
+    assert not np.allclose(np.asarray(logits), np.asarray(apply_fn(rounded, x)), atol=1e-3)
+
+
 def test_qat_lowers_the_loss_below_round_to_nearest_with_one_compilation(small):
     model, x, labels = small["model"], small["x"], jnp.asarray(small["labels"])
     config = qat.QatConfig()
@@ -280,11 +298,22 @@ def test_killed_qat_run_resumes_bit_identically_and_its_result_loads_back(tars, 
     assert written["finished"] and written["nearest_top1"] is not None and len(written["energy"]["per_layer"]) == 21
 
 
+def test_bias_corrected_qat_run_starts_from_the_bias_corrected_ptq_model(tars, tmp_path):
+    from experiments import ptq as ptq_script
+    config = _run_config(tars, tmp_path / "qat", epochs=1, bias_correction=True)
+    result = qat_script.run(config)
+    reference = ptq_script.run(ptq_script.PtqRunConfig(workload=config.workload, ptq=config.ptq, bias_correction=True,
+                                                       workdir=str(tmp_path / "ptq")))
+    assert result["config"]["bias_correction"] and result["nearest_top1"] == reference["top1"]
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(train_dataset="tar:{test}"), "--train_dataset and --dataset share 8 images"),
     (dict(train_images=0), "--train_images must be >= 1"),
     (dict(train_batch_size=64), "--train_batch_size=64 exceeds the 16 training images"),
     (dict(control=True, qat=qat.QatConfig(asymmetric=True)), "--control trains the FP32 model"),
+    (dict(control=True, bias_correction=True), "--bias_correction corrects the round-to-nearest start of QAT: "
+                                               "leave out --control"),
     (dict(bits_json="{missing}"), "--bits_json=.* is not a ptq/mixed results.json"),
     (dict(bits_json="{stranger}"), "--bits_json=.* names layers this model lacks: blocks.0.mlp.fc1"),
 ])
@@ -338,6 +367,8 @@ def test_bits_json_reads_a_mixed_allocation_and_refuses_other_files(tmp_path):
     path.write_text(json.dumps({"bits": {"conv1": {"w": 8, "a": 8}, "layer1.0.conv1": {"w": 2, "a": 6},
                                          "attn.qk_matmul": {"w": None, "a": 4}}}))
     assert workload_lib.read_bits_json(str(path)) == {"conv1": (8, 8), "layer1.0.conv1": (2, 6), "attn.qk_matmul": (8, 4)}
+    (tmp_path / "table.json").write_text(json.dumps({"fc": {"w": 3, "a": None}}))
+    assert workload_lib.read_bits_json(str(tmp_path / "table.json")) == {"fc": (3, 8)}
     (tmp_path / "other.json").write_text(json.dumps({"top1": 3}))
     with pytest.raises(ValueError, match="other.json is not a ptq/mixed results.json with a 'bits' table"):
         workload_lib.read_bits_json(str(tmp_path / "other.json"))

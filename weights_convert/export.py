@@ -35,8 +35,7 @@ _MAX_MB = flags.DEFINE_float("max_mb", 25.0, "Refuse to write a larger file.")
 def _read(path: str | None, flag: str) -> dict | None:
     if path is None:
         return None
-    with open(path) as f:
-        return storage.without_json_digest(json.load(f), where=f"{flag}={path}")
+    return storage.read_json_object(path, where=f"{flag}={path}", what="a results.json")
 
 
 def made_by(train: dict | None, check: dict | None) -> dict:
